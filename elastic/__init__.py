@@ -1,0 +1,24 @@
+"""Elastic Cache: training-free KV-cache compression for vision-language models.
+
+    import elastic
+    elastic.attach(model)
+    cache = elastic.make_cache("elastic", budget=0.5)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=64, do_sample=False)
+    cache.trace, cache.kv_bytes()
+"""
+
+from .budget import check_budget, keep_count
+from .cache import PolicyCache, PolicyLayer, make_cache
+from .methods import METHODS, POLICIES, ElasticPolicy, H2OPolicy, LocalPolicy, Policy, make_policy
+from .scoring import attach, attention_received, is_attached
+from .generation import Generation, build_inputs, generate, load_image, user_message
+from .metrics import perplexity, rouge_l
+from .models import SHIPPED_MODEL, ModelLoadError, load_model
+from .trace import LayerTrace, Trace
+
+__all__ = [
+    "METHODS", "POLICIES", "Policy", "ElasticPolicy", "H2OPolicy", "LocalPolicy", "make_policy",
+    "PolicyCache", "PolicyLayer", "make_cache", "attach", "is_attached", "attention_received",
+    "Trace", "LayerTrace", "check_budget", "keep_count", "generate", "Generation", "build_inputs",
+    "load_image", "user_message", "load_model", "ModelLoadError", "SHIPPED_MODEL", "rouge_l", "perplexity",
+]

@@ -1,0 +1,204 @@
+"""One call from (image, prompt) to (answer, trace, stats), with the model's chat template.
+
+This is where prompts are built, so it is also the one place that knows the token-type
+spans (system / image / instruction) and the image patch grid, which it stores in the
+trace for the visualisations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .budget import keep_count
+from .cache import PolicyCache, make_cache
+from .scoring import is_attached, text_config
+from .trace import Trace
+
+MAX_IMAGE_SIDE = 2048  # larger uploads are scaled down first: processors resize anyway
+
+
+@dataclass
+class Generation:
+    """What :func:`generate` returns."""
+
+    text: str
+    trace: Trace
+    stats: dict
+    cache: PolicyCache
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_image(image) -> Image.Image:
+    """An RGB PIL image from a path or PIL image; a clear ``ValueError`` if it is not one."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+            raise ValueError(f"{Path(image).name} is not a readable image ({error})") from None
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected an image file or PIL image, got {type(image).__name__}")
+    if min(image.size) < 1:
+        raise ValueError("the image is empty")
+    if max(image.size) > MAX_IMAGE_SIDE:
+        image = image.copy()
+        image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    return image.convert("RGB")
+
+
+def user_message(text: str, with_image: bool) -> dict:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
+def build_inputs(model, processor, messages: list[dict], image=None) -> tuple[dict, dict]:
+    """Tokenise a chat (transformers message format) with the model's chat template.
+
+    Returns the model inputs (on the model's device) and the prompt annotations for the
+    trace: ``spans`` (system / image / instruction) and ``image_grid``.
+    """
+    has_image_block = any(
+        isinstance(m.get("content"), list) and any(b.get("type") == "image" for b in m["content"]) for m in messages
+    )
+    if image is not None and not has_image_block:
+        raise ValueError("an image was given but no message has an image block")
+    if image is None and has_image_block:
+        raise ValueError("a message has an image block but no image was given")
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if hasattr(processor, "image_processor"):
+        inputs = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+    else:  # a text-only model: the processor is its tokenizer
+        inputs = processor([text], return_tensors="pt", add_special_tokens=False)
+    inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return inputs, prompt_annotations(model, inputs)
+
+
+def prompt_annotations(model, inputs: dict) -> dict:
+    """Token-type spans and the image's patch grid for a single prompt."""
+    ids = inputs["input_ids"][0]
+    T = len(ids)
+    image_token = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
+    where = (ids == image_token).nonzero().flatten().tolist() if image_token is not None else []
+    if not where:
+        return {"spans": {"instruction": (0, T)}, "image_grid": None}
+    start = where[0]
+    end = start
+    while end < T and ids[end] == image_token:  # the first image's contiguous run
+        end += 1
+    spans = {"system": (0, start), "image": (start, end), "instruction": (end, T)}
+    grid_thw = inputs.get("image_grid_thw")
+    if grid_thw is not None:  # Qwen2-VL: patches merged merge x merge into one token
+        merge = int(math.isqrt(int(grid_thw[0].prod()) // (end - start)))
+        grid = (int(grid_thw[0][1]) // merge, int(grid_thw[0][2]) // merge)
+    else:
+        side = math.isqrt(end - start)
+        grid = (side, side) if side * side == end - start else None
+    return {"spans": {k: v for k, v in spans.items() if v[1] > v[0]}, "image_grid": grid}
+
+
+def context_length(model) -> int | None:
+    return getattr(text_config(model), "max_position_embeddings", None)
+
+
+class _Clock:
+    """Wall-clock time at the end of every forward (the first one is the prefill)."""
+
+    def __init__(self, model):
+        self.marks: list[float] = []
+        self.device = model.device
+        self.handle = model.register_forward_hook(self._mark)
+
+    def _mark(self, *_):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.marks.append(time.perf_counter())
+
+    def close(self):
+        self.handle.remove()
+
+
+@torch.inference_mode()
+def generate(model, processor, image, prompt, method: str = "elastic", budget: float = 0.5,
+             max_new_tokens: int = 64, streamer=None, start_size: int = 1, distance: int = -25,
+             **policy_params) -> Generation:
+    """Answer ``prompt`` about ``image`` with a compressed KV cache.
+
+    Parameters
+    ----------
+    model, processor
+        From :func:`elastic.load_model` (or any attached LLaVA / Qwen2-VL / causal LM).
+    image : PIL image, path or None
+    prompt : str or list of messages
+        A question, or a whole chat in the transformers message format (the image goes with
+        the message that has an ``{"type": "image"}`` block).
+    method, budget, start_size, distance, **policy_params
+        The cache policy, see :func:`elastic.make_cache`.
+    max_new_tokens : int
+    streamer : optional transformers streamer (e.g. ``TextIteratorStreamer``).
+    """
+    if not is_attached(model):
+        raise RuntimeError("call elastic.attach(model) (or use elastic.load_model) before elastic.generate")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cache = make_cache(method, budget=budget, start_size=start_size, distance=distance, **policy_params)
+    image = load_image(image) if image is not None else None
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("the message is empty")
+        messages = [user_message(prompt, image is not None)]
+    else:
+        messages = list(prompt)
+    inputs, annotations = build_inputs(model, processor, messages, image)
+    T = inputs["input_ids"].shape[1]
+    limit = context_length(model)
+    if limit is not None and T + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt has {T} tokens; with {max_new_tokens} new tokens that exceeds the model's context of "
+            f"{limit} tokens: shorten the conversation or lower max new tokens"
+        )
+    warnings = []
+    policy = cache.policy
+    if math.ceil(policy.budget * T) < policy.min_entries(T):
+        warnings.append(
+            f"budget {policy.budget:g} keeps fewer than the {policy.min_entries(T)} entries {method} needs "
+            f"(protected tokens plus one); kept {keep_count(policy.budget, T, policy.min_entries(T))} instead"
+        )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    clock = _Clock(model)
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    start = time.perf_counter()
+    try:
+        output = model.generate(
+            **inputs, cache=cache, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    finally:
+        clock.close()
+    new_ids = output[0, T:]
+    text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    all_ids = output[0].tolist()
+    cache.annotate(tokens=[tokenizer.decode([i]) for i in all_ids], **annotations)
+    trace = cache.trace
+    marks = clock.marks
+    prefill_s = marks[0] - start if marks else 0.0
+    decode_s = marks[-1] - marks[0] if len(marks) > 1 else 0.0
+    stats = {
+        "prompt_tokens": T,
+        "new_tokens": len(new_ids),
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "total_s": time.perf_counter() - start,
+        "tokens_per_s": (len(marks) - 1) / decode_s if decode_s > 0 else float("nan"),
+        "kv_bytes": cache.kv_bytes(),
+        "full_kv_bytes": trace.bytes_per_entry * trace.tokens_seen,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
+    }
+    return Generation(text=text, trace=trace, stats=stats, cache=cache, warnings=warnings)

@@ -1,0 +1,134 @@
+"""Importance scores without eager attention, and the hook that hands them to the cache.
+
+:func:`attach` registers an attention function that wraps the model's own one (sdpa by
+default): the model's outputs still come from sdpa, and right after a layer's attention
+the cache layer that was just updated gets the queries and keys, computes the attention
+its entries received (:func:`attention_received`, chunked over queries) and compresses.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# The cache layer whose ``update`` ran last in this thread and now waits for its attention.
+# Thread-local so that concurrent generations (app sessions, streamer threads) never mix.
+_waiting = threading.local()
+
+_PREFIX = "elastic_"
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | None = None,
+                       chunk: int = 256) -> torch.Tensor:
+    """Attention each key receives, summed over the queries and averaged over query heads.
+
+    Softmax of ``scaling * q k^T`` with a causal mask that aligns the ``q`` queries with the
+    last ``q`` keys (a prefill of the whole prompt, or one decode step). Computed ``chunk``
+    queries at a time in float32, so the extra memory is ``B * heads * chunk * S`` floats.
+
+    Parameters
+    ----------
+    query : ``[B, H, q, D]``, after RoPE.
+    key : ``[B, H_kv, S, D]``, after RoPE; GQA heads are shared by ``H / H_kv`` queries.
+    scaling : softmax scale, default ``D ** -0.5``.
+
+    Returns
+    -------
+    ``[B, S]`` float32.
+    """
+    B, H, q, D = query.shape
+    S, H_kv = key.shape[-2], key.shape[1]
+    scaling = D ** -0.5 if scaling is None else scaling
+    groups = H // H_kv
+    key = key.float()
+    query = query.float().view(B, H_kv, groups, q, D)
+    offset = S - q  # query i sits at key index offset + i
+    received = torch.zeros(B, S, dtype=torch.float32, device=query.device)
+    cols = torch.arange(S, device=query.device)
+    for start in range(0, q, chunk):
+        stop = min(q, start + chunk)
+        logits = torch.einsum("bgnqd,bgsd->bgnqs", query[:, :, :, start:stop], key) * scaling
+        rows = torch.arange(offset + start, offset + stop, device=query.device)
+        future = cols[None, :] > rows[:, None]  # [chunk, S]
+        logits.masked_fill_(future, float("-inf"))
+        received += logits.softmax(dim=-1).sum(dim=(1, 2, 3))
+    return received / H
+
+
+def _wrap(base_fn):
+    def elastic_attention(module, query, key, value, attention_mask, **kwargs):
+        out = base_fn(module, query, key, value, attention_mask, **kwargs)
+        layer = getattr(_waiting, "layer", None)
+        if layer is not None and layer.layer_idx == getattr(module, "layer_idx", None):
+            _waiting.layer = None
+            layer.after_attention(query, key, attention_mask, kwargs.get("scaling"))
+        return out
+
+    elastic_attention.__name__ = f"{_PREFIX}{getattr(base_fn, '__name__', 'attention')}"
+    return elastic_attention
+
+
+def _model_eager(module, *args, **kwargs):
+    """The eager attention of the module's own model file (transformers keeps one per model)."""
+    return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+
+
+def _register(base: str) -> str:
+    name = f"{_PREFIX}{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        base_fn = _model_eager if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        AttentionInterface.register(name, _wrap(base_fn))
+        # Without a mask function of the same name the model would build no causal mask.
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def _text_config_key(model) -> str | None:
+    """Sub-config holding the language model (None: the model is a text-only LM)."""
+    subs = getattr(model.config, "sub_configs", {}) or {}
+    for key in ("text_config", "language_config", "llm_config"):
+        if key in subs:
+            return key
+    return None
+
+
+def text_config(model):
+    key = _text_config_key(model)
+    return getattr(model.config, key) if key else model.config
+
+
+def is_attached(model) -> bool:
+    impl = text_config(model)._attn_implementation or ""
+    return impl.startswith(_PREFIX)
+
+
+def attach(model):
+    """Let caches made by :func:`elastic.make_cache` see this model's attention.
+
+    Switches only the text decoder to a wrapper of its current attention implementation
+    (sdpa by default): outputs are unchanged, and each compressing cache layer gets its
+    queries and keys right after the layer's attention. The vision tower is untouched.
+    Idempotent; returns the model.
+    """
+    if is_attached(model):
+        return model
+    config = text_config(model)
+    for kind in getattr(config, "layer_types", None) or []:
+        if kind != "full_attention":
+            raise ValueError(
+                f"elastic supports decoders whose layers all use full attention; this one has {kind!r} layers"
+            )
+    base = config._attn_implementation or "sdpa"
+    if base not in ("sdpa", "eager") and base not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ValueError(f"cannot wrap attention implementation {base!r}; load the model with sdpa or eager")
+    name = _register(base)
+    key = _text_config_key(model)
+    model.set_attn_implementation({key: name} if key else name)
+    if not is_attached(model):
+        raise RuntimeError(f"could not switch the text decoder of {type(model).__name__} to {name}")
+    return model

@@ -1,0 +1,158 @@
+"""What a cache did, as plain numpy data: the single source the app and viz read.
+
+A :class:`Trace` is built from a cache after (or during) generation. It holds one
+:class:`LayerTrace` per decoder layer (the prefill decision) and the decode-time
+evictions of all layers. Positions are always *original* token positions: prompt tokens
+are ``0..T-1`` and the token fed at decode step ``s`` (1-based) sits at ``T + s - 1``.
+
+Nothing here recomputes the algorithm: the replay helpers only combine what the cache
+recorded (kept positions, appended tokens, evictions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LayerTrace:
+    """The prefill decision of one layer.
+
+    Attributes
+    ----------
+    scores : np.ndarray or None
+        ``[T]`` importance of each prompt position (attention received, summed over prompt
+        queries, mean over heads); None for methods that do not score.
+    kept : np.ndarray
+        Ascending original positions of the entries kept after the prefill.
+    group : np.ndarray
+        ``[T]`` for each prompt position, the original position of the entry that now holds
+        it: itself if kept, its anchor if merged, -1 if evicted.
+    """
+
+    scores: np.ndarray | None
+    kept: np.ndarray
+    group: np.ndarray
+
+    @property
+    def merged(self) -> np.ndarray:
+        """Positions folded into another entry (not kept, not evicted)."""
+        return np.flatnonzero((self.group >= 0) & (self.group != np.arange(len(self.group))))
+
+    @property
+    def evicted(self) -> np.ndarray:
+        """Prompt positions dropped at the prefill without merging."""
+        return np.flatnonzero(self.group < 0)
+
+    def group_sizes(self) -> dict[int, int]:
+        """Number of prompt positions held by each kept entry (itself included)."""
+        held = self.group[self.group >= 0]
+        values, counts = np.unique(held, return_counts=True)
+        return dict(zip(values.tolist(), counts.tolist()))
+
+
+@dataclass
+class Trace:
+    """Everything one sequence's cache decided.
+
+    Attributes
+    ----------
+    method, budget, start_size, distance : the policy and its parameters.
+    prompt_length : int
+        T, the number of prompt tokens.
+    protected : np.ndarray
+        Prompt positions that are never merged at the prefill (sinks and the last prompt
+        token for Elastic; sinks for Local; empty for H2O and Full).
+    layers : list[LayerTrace]
+    evictions : np.ndarray
+        ``[E, 3]`` int rows ``(step, layer, position)`` of decode-time removals.
+    lengths : list[int]
+        Cache length (entries per layer) after each forward: ``lengths[0]`` after the
+        prefill, ``lengths[s]`` after decode step ``s``.
+    tokens_seen : int
+        Tokens fed through the model so far (prompt plus decoded inputs).
+    fixed_point : int or None
+        Elastic's eviction index N_tl (slot index in the cache), None for other methods.
+    bytes_per_entry : int
+        Bytes of K and V, all layers, for one cache entry of this sequence.
+    spans : dict
+        Token-type spans ``name -> (start, end)`` (end exclusive) over prompt positions,
+        e.g. ``system``, ``image``, ``instruction``; filled by :func:`elastic.generate`.
+    image_grid : tuple or None
+        ``(rows, cols)`` of image patches when the ``image`` span maps to a patch grid.
+    tokens : list[str] or None
+        Text of every position (prompt and generated) for hover labels.
+    """
+
+    method: str
+    budget: float
+    start_size: int
+    distance: int | None
+    prompt_length: int
+    protected: np.ndarray
+    layers: list[LayerTrace]
+    evictions: np.ndarray
+    lengths: list[int]
+    tokens_seen: int
+    fixed_point: int | None
+    bytes_per_entry: int
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    image_grid: tuple[int, int] | None = None
+    tokens: list[str] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def decode_steps(self) -> int:
+        """Number of decode forwards recorded after the prefill."""
+        return len(self.lengths) - 1
+
+    @property
+    def image_span(self) -> tuple[int, int] | None:
+        return self.spans.get("image")
+
+    def full_lengths(self) -> np.ndarray:
+        """Length a full cache would have after each recorded forward."""
+        return self.prompt_length + np.arange(len(self.lengths))
+
+    def kv_bytes(self) -> np.ndarray:
+        """Bytes of K/V held after each recorded forward."""
+        return np.asarray(self.lengths) * self.bytes_per_entry
+
+    def scores_matrix(self) -> np.ndarray | None:
+        """``[layers, T]`` importance scores, or None if the method does not score."""
+        if not self.layers or self.layers[0].scores is None:
+            return None
+        return np.stack([layer.scores for layer in self.layers])
+
+    def positions_at(self, layer: int, step: int) -> np.ndarray:
+        """Ascending original positions held by ``layer`` after decode step ``step``.
+
+        Replays the record: prefill survivors, plus every token fed up to ``step``, minus
+        every eviction up to ``step``.
+        """
+        if not 0 <= step <= self.decode_steps:
+            raise ValueError(f"step must be in [0, {self.decode_steps}], got {step}")
+        fed = np.arange(self.prompt_length, self.prompt_length + step)
+        held = np.concatenate([self.layers[layer].kept, fed])
+        rows = self.evictions
+        gone = rows[(rows[:, 0] <= step) & (rows[:, 1] == layer), 2]
+        return held[~np.isin(held, gone)]
+
+    def evictions_of(self, layer: int) -> np.ndarray:
+        """``[E, 2]`` rows ``(step, position)`` evicted from ``layer`` while decoding."""
+        rows = self.evictions[self.evictions[:, 1] == layer]
+        return rows[:, [0, 2]]
+
+    def token_type(self, position: int) -> str:
+        """Name of the span holding ``position`` ("generated" past the prompt)."""
+        if position >= self.prompt_length:
+            return "generated"
+        for name, (start, end) in self.spans.items():
+            if start <= position < end:
+                return name
+        return "text"
