@@ -8,6 +8,7 @@ trace for the visualisations.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,14 +109,19 @@ def context_length(model) -> int | None:
 
 
 class _Clock:
-    """Wall-clock time at the end of every forward (the first one is the prefill)."""
+    """Wall-clock time at the end of every forward (the first one is the prefill).
+
+    Only forwards run by this thread count: app sessions may share one model."""
 
     def __init__(self, model):
         self.marks: list[float] = []
         self.device = model.device
+        self.thread = threading.get_ident()
         self.handle = model.register_forward_hook(self._mark)
 
     def _mark(self, *_):
+        if threading.get_ident() != self.thread:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.marks.append(time.perf_counter())

@@ -73,22 +73,58 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
 
 
 def load_processor(name: str, config=None):
-    """The model's processor; Qwen2-VL's is rebuilt without a video processor when
-    torchvision is missing (its video processor needs torchvision)."""
+    """The model's processor; for Qwen2-VL without torchvision, a :class:`QwenVLProcessor`
+    (transformers' own one needs torchvision for its video processor)."""
     try:
         return AutoProcessor.from_pretrained(name)
     except Exception:
         config = config or AutoConfig.from_pretrained(name)
-        if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            if not hasattr(config, "vision_config"):
-                return AutoTokenizer.from_pretrained(name)
-            raise
-        from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+        if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+            from transformers import Qwen2VLImageProcessorPil
 
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        return Qwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessorPil.from_pretrained(name),
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=getattr(tokenizer, "chat_template", None),
-        )
+            return QwenVLProcessor(Qwen2VLImageProcessorPil.from_pretrained(name), AutoTokenizer.from_pretrained(name))
+        if not hasattr(config, "vision_config"):
+            return AutoTokenizer.from_pretrained(name)
+        raise
+
+
+class QwenVLProcessor:
+    """Images and text for Qwen2-VL without torchvision: what ``Qwen2VLProcessor`` does for
+    one image per prompt (expand ``<|image_pad|>`` to the merged patch count and mark the
+    image tokens in ``mm_token_type_ids``)."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, image_processor, tokenizer, chat_template: str | None = None):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or tokenizer.chat_template
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+    def __call__(self, text, images=None, return_tensors="pt", **kwargs):
+        texts = [text] if isinstance(text, str) else list(text)
+        extra = {}
+        if images:
+            extra = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            merge = self.image_processor.merge_size ** 2
+            counts = iter((extra["image_grid_thw"].prod(-1) // merge).tolist())
+            # one placeholder per image, expanded in order (a marker keeps expansions from re-matching)
+            texts = [
+                "".join(
+                    part + ("<|placeholder|>" * next(counts) if i < t.count(self.image_token) else "")
+                    for i, part in enumerate(t.split(self.image_token))
+                ).replace("<|placeholder|>", self.image_token)
+                for t in texts
+            ]
+        encoded = self.tokenizer(texts, return_tensors=return_tensors, padding=len(texts) > 1, **kwargs)
+        encoded["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).long()
+        return {**encoded, **extra}
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)

@@ -59,6 +59,28 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]  # ids 120..123
+
+
+def tiny_qwen2vl_processor():
+    """elastic's torchvision-free Qwen2-VL processor over a word tokenizer (ids as tiny_qwen2vl)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from elastic.models import QwenVLProcessor
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in WORDS if w])}
+    vocab.update({w: 120 + i for i, w in enumerate(QWEN_SPECIALS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS})
+    template = CHAT_TEMPLATE.replace(" <image>", " <|vision_start|><|image_pad|><|vision_end|>")
+    images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
+                                      max_pixels=32 * 32)
+    return QwenVLProcessor(images, fast, template)
+
+
 def tiny_llava(seed=0, image_size=32, patch=8, layers=2):
     """A random LLaVA (CLIP tower + Llama) and its processor: (image_size/patch)^2 image tokens."""
     torch.manual_seed(seed)
@@ -86,8 +108,8 @@ def tiny_qwen2vl(seed=0, layers=2):
         vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
                            temporal_patch_size=2, in_channels=3),
         image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
+    config.text_config.bos_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id = 2, 3, 1
     return Qwen2VLForConditionalGeneration(config).eval()
 
 

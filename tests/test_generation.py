@@ -1,0 +1,132 @@
+"""elastic.generate and elastic.load_model on tiny models, against direct transformers calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+import elastic
+from tiny import tiny_llava, tiny_qwen2vl, tiny_qwen2vl_processor
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model, processor = tiny_llava()
+    return elastic.attach(model), processor
+
+
+def direct_answer(model, processor, image, question, n):
+    """Reference: the processor and model.generate with a stock DynamicCache."""
+    text = processor.apply_chat_template([elastic.user_message(question, True)], add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, cache=DynamicCache(), max_new_tokens=n, do_sample=False)
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip(), inputs
+
+
+def test_generate_full_budget_matches_direct_generate(llava):
+    model, processor = llava
+    image = Image.new("RGB", (50, 40), (200, 30, 30))
+    expected, inputs = direct_answer(model, processor, image, "what is the colour ?", 8)
+    for method in elastic.METHODS:
+        result = elastic.generate(model, processor, image, "what is the colour ?", method=method, budget=1.0,
+                                  max_new_tokens=8)
+        assert result.text == expected
+    ids = inputs["input_ids"][0]
+    image_positions = (ids == model.config.image_token_id).nonzero().flatten().tolist()
+    trace = result.trace
+    assert trace.spans["image"] == (image_positions[0], image_positions[-1] + 1)
+    assert trace.spans["system"] == (0, image_positions[0])
+    assert trace.spans["instruction"] == (image_positions[-1] + 1, len(ids))
+    assert trace.image_grid == (4, 4) and len(image_positions) == 16
+    assert trace.tokens[: len(ids)] == [processor.tokenizer.decode([i]) for i in ids.tolist()]
+    stats = result.stats
+    assert stats["prompt_tokens"] == len(ids) and stats["new_tokens"] >= 1
+    assert stats["full_kv_bytes"] == stats["kv_bytes"]  # budget 1.0 keeps everything
+
+
+def test_generate_compresses_and_reports_bytes(llava):
+    model, processor = llava
+    result = elastic.generate(model, processor, Image.new("RGB", (32, 32)), "what shape ?", method="elastic",
+                              budget=0.4, max_new_tokens=6)
+    trace = result.trace
+    assert result.stats["kv_bytes"] == trace.lengths[-1] * trace.bytes_per_entry
+    assert result.stats["kv_bytes"] < result.stats["full_kv_bytes"]
+
+
+def test_chat_history_and_image_path(llava, tmp_path):
+    model, processor = llava
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (64, 48), "green").save(path)
+    messages = [elastic.user_message("what is the colour ?", True),
+                {"role": "assistant", "content": [{"type": "text", "text": "green ."}]},
+                elastic.user_message("what shape ?", False)]
+    result = elastic.generate(model, processor, str(path), messages, method="h2o", budget=0.5, max_new_tokens=4)
+    assert result.trace.prompt_length > len(processor.tokenizer("USER : what shape ?")["input_ids"]) + 16
+
+
+def test_bad_input_is_refused_clearly(llava, tmp_path):
+    model, processor = llava
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="empty"):
+        elastic.generate(model, processor, image, "   ")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="not a readable image"):
+        elastic.generate(model, processor, str(broken), "what ?")
+    with pytest.raises(ValueError, match="context"):
+        elastic.generate(model, processor, image, "what " * 1100, max_new_tokens=4)
+    with pytest.raises(ValueError, match="budget"):
+        elastic.generate(model, processor, image, "what ?", budget=0.0)
+    huge = Image.new("RGB", (5000, 300))
+    assert max(elastic.load_image(huge).size) == elastic.generation.MAX_IMAGE_SIDE
+
+
+def test_tiny_budget_warns_and_keeps_minimum(llava):
+    model, processor = llava
+    result = elastic.generate(model, processor, Image.new("RGB", (32, 32)), "what ?", method="elastic",
+                              budget=0.01, max_new_tokens=3)
+    assert result.warnings and "protected" in result.warnings[0]
+    assert result.trace.lengths[0] == 3  # one sink, the last prompt token and one anchor
+
+
+def test_unattached_model_refused():
+    model, processor = tiny_llava()
+    with pytest.raises(RuntimeError, match="attach"):
+        elastic.generate(model, processor, Image.new("RGB", (32, 32)), "what ?")
+
+
+def test_qwen2vl_generate_spans_and_grid():
+    model = elastic.attach(tiny_qwen2vl())
+    processor = tiny_qwen2vl_processor()
+    image = Image.new("RGB", (40, 30), "red")
+    result = elastic.generate(model, processor, image, "what is the colour ?", budget=1.0, max_new_tokens=5)
+    inputs = processor(processor.apply_chat_template([elastic.user_message("what is the colour ?", True)],
+                                                     add_generation_prompt=True, tokenize=False), images=[image])
+    with torch.no_grad():
+        out = model.generate(**inputs, cache=DynamicCache(), max_new_tokens=5, do_sample=False)
+    assert result.text == processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    rows, cols = (int(x) // 2 for x in inputs["image_grid_thw"][0, 1:])
+    start, end = result.trace.spans["image"]
+    assert result.trace.image_grid == (rows, cols) and end - start == rows * cols
+    assert int(inputs["mm_token_type_ids"].sum()) == rows * cols
+
+
+def test_load_model_from_saved_directory(llava, tmp_path):
+    model, processor = llava
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = elastic.load_model(tmp_path, device="cpu")
+    assert elastic.is_attached(loaded)
+    image = Image.new("RGB", (32, 32), "blue")
+    a = elastic.generate(loaded, loaded_processor, image, "what ?", budget=0.5, max_new_tokens=5)
+    b = elastic.generate(model, processor, image, "what ?", budget=0.5, max_new_tokens=5)
+    assert a.text == b.text
+
+
+def test_load_model_failure_is_one_clear_error(tmp_path):
+    with pytest.raises(elastic.ModelLoadError, match="could not load model"):
+        elastic.load_model(tmp_path / "missing", device="cpu")
