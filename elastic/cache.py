@@ -24,7 +24,7 @@ _NOT_ATTACHED = (
 )
 _NO_CONTINUATION = (
     "this cache already holds a compressed prompt and cannot take {n} new tokens at once "
-    "(a second generate() call on a compressed cache would misalign positions); "
+    "(only the prompt is compressed by merging; a new turn needs a fresh prefill): "
     "make a new cache with elastic.make_cache() for the whole conversation"
 )
 
@@ -178,6 +178,19 @@ class PolicyCache(Cache):
 
     def _new_layer(self) -> PolicyLayer:
         return PolicyLayer(self, len(self.layers))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (not entries held): models derive default position ids from
+        it, and positions must stay the true ones after compression."""
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].seen
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Masks index the entries actually held, so their offset is the physical length."""
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].get_seq_length()
 
     def kv_bytes(self) -> int:
         """Bytes of the K/V tensors held now, all layers."""

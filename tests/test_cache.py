@@ -195,6 +195,23 @@ def test_decode_positions_are_true_positions():
     assert reference[-1] == [[30 + 8]]
 
 
+def test_forward_without_position_ids_uses_true_positions(llama):
+    """Direct forwards (no generate, no position ids) continue at the tokens seen, so a
+    teacher-forced loop reproduces generate's greedy tokens."""
+    T, n = 40, 10
+    ids = prompt(T, seed=4)
+    expected = generate(llama, ids, elastic.make_cache("elastic", budget=0.3), n)[0, T:].tolist()
+    cache = elastic.make_cache("elastic", budget=0.3)
+    with torch.no_grad():
+        logits = llama(input_ids=ids, cache=cache).logits
+        tokens = [int(logits[0, -1].argmax())]
+        for _ in range(n - 1):
+            logits = llama(input_ids=torch.tensor([[tokens[-1]]]), cache=cache).logits
+            tokens.append(int(logits[0, -1].argmax()))
+    assert tokens == expected
+    assert cache.get_seq_length() == T + n - 1 > cache.layers[0].get_seq_length()
+
+
 def test_qwen2vl_compressed_positions_match_full_cache():
     model = tiny_qwen2vl()
     inputs = qwen2vl_inputs()
@@ -268,12 +285,16 @@ def test_unattached_model_is_reported():
         generate(model, prompt(20), elastic.make_cache("elastic", budget=0.5), 3)
 
 
-def test_second_generate_on_compressed_cache_raises(llama):
+def test_second_generate_continues_or_raises(llama):
+    """Continuing the same sequence works (same tokens as one long call); appending a new
+    multi-token turn to a compressed cache raises."""
     ids = prompt(30)
+    one_go = generate(llama, ids, elastic.make_cache("elastic", budget=0.5), 9)
     cache = elastic.make_cache("elastic", budget=0.5)
-    out = generate(llama, ids, cache, 4)
+    first = generate(llama, ids, cache, 4)
+    assert torch.equal(generate(llama, first, cache, 5), one_go)
     with pytest.raises(ValueError, match="new cache"):
-        generate(llama, out, cache, 4)
+        generate(llama, torch.cat([one_go, prompt(5, seed=9)], dim=1), cache, 2)
 
 
 def test_attention_received_chunks_agree_with_naive():
