@@ -42,8 +42,9 @@ def load_image(image) -> Image.Image:
             with Image.open(image) as opened:
                 opened.load()
                 image = opened.copy()
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-            raise ValueError(f"{Path(image).name} is not a readable image ({error})") from None
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            # name the file only: the full path of an upload means nothing to the user
+            raise ValueError(f"{Path(image).name} is not a readable image") from None
     if not isinstance(image, Image.Image):
         raise ValueError(f"expected an image file or PIL image, got {type(image).__name__}")
     if min(image.size) < 1:

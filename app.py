@@ -1,0 +1,487 @@
+"""Elastic Cache Explorer: chat with a vision-language model and watch its KV cache.
+
+    python app.py                                  # the shipped tiny LLaVA, CPU, offline
+    python app.py --model llava-hf/llava-1.5-7b-hf --share
+
+This file only wires components: answers come from :func:`elastic.generate`, figures from
+:mod:`viz`. Per-session traces live in ``SESSIONS`` (keyed by the gradio session hash,
+removed on unload), never in ``gr.State``.
+"""
+
+from __future__ import annotations
+
+# ZeroGPU wants `spaces` imported before torch; elsewhere GPU() is a no-op decorator.
+try:
+    import spaces
+
+    def gpu(fn):
+        return spaces.GPU(duration=120)(fn)
+except ImportError:  # not on a Hugging Face Space
+    def gpu(fn):
+        return fn
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+from transformers import TextIteratorStreamer
+
+import elastic
+import viz
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES_DIR = ROOT / "assets" / "examples"
+MAX_SESSIONS = 200  # API clients never "unload": bound the memory they can hold
+COMPARE_METHODS = ("full", "elastic", "h2o")
+EMPTY = "(empty answer)"
+
+
+# -- model and sessions ------------------------------------------------------------------------
+class ModelSlot:
+    """The one model of this server, loaded on first use (tests can :meth:`set` their own)."""
+
+    def __init__(self, name: str | None = None):
+        self.name, self.device = name, None
+        self.model = self.processor = None
+        self._lock = threading.Lock()
+
+    def load(self, name: str | None = None, device: str | None = None):
+        """Load ``name`` (default: the one given before); raises ``elastic.ModelLoadError``."""
+        with self._lock:
+            self.name, self.device = name or self.name, device or self.device
+            self.model, self.processor = elastic.load_model(self.name, device=self.device)
+        return self.model, self.processor
+
+    def set(self, model, processor):
+        self.model, self.processor = elastic.attach(model), processor
+
+    def get(self):
+        with self._lock:
+            loaded = self.model is not None
+        return (self.model, self.processor) if loaded else self.load()
+
+
+MODEL = ModelSlot(os.environ.get("ELASTIC_MODEL"))
+
+
+@dataclass
+class Session:
+    """What one browser tab (or API client) last produced: plain data, no tensors."""
+
+    trace: elastic.Trace | None = None
+    image: object = None  # PIL image of the last answer, for the overlay
+    stats: dict | None = None
+
+
+SESSIONS: OrderedDict[str, Session] = OrderedDict()
+_SESSIONS_LOCK = threading.Lock()
+
+
+def session_of(request: gr.Request | None) -> Session:
+    key = getattr(request, "session_hash", None) or uuid.uuid4().hex
+    with _SESSIONS_LOCK:
+        session = SESSIONS.pop(key, None) or Session()
+        SESSIONS[key] = session  # most recent last
+        while len(SESSIONS) > MAX_SESSIONS:
+            SESSIONS.popitem(last=False)
+    return session
+
+
+def forget_session(request: gr.Request):
+    with _SESSIONS_LOCK:
+        SESSIONS.pop(request.session_hash, None)
+
+
+def readable_image_input(component: gr.Image) -> gr.Image:
+    """Make an image input answer unreadable uploads with a clear message, not a server error.
+
+    Wraps the instance's ``preprocess`` (a subclass would make gradio write an ``app.pyi``).
+    """
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except Exception as error:
+            raise gr.Error(f"That upload is not an image I can read ({type(error).__name__}).") from None
+
+    component.preprocess = checked
+    return component
+
+
+# -- chat history <-> model messages -----------------------------------------------------------
+def _blocks(message) -> tuple[list[str], list[str]]:
+    """(texts, file paths) of a chatbot message in any of gradio's content shapes."""
+    content = message["content"] if isinstance(message, dict) else message.content
+    items = content if isinstance(content, list) else [content]
+    texts, files = [], []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("type") == "text":
+            texts.append(item.get("text", ""))
+        elif isinstance(item, dict) and ("path" in item or "file" in item):
+            file = item.get("file") or item  # gradio_client sends {"file": "<path>"}
+            files.append(file if isinstance(file, str) else file["path"])
+    return texts, files
+
+
+def conversation(history: list, question: str, new_image: str | None) -> tuple[list[dict], str | None]:
+    """Model messages for ``history`` plus ``question``, and the image they are about.
+
+    The model sees one image: its context starts at the last user turn that brought one
+    (a new upload starts a new context; the earlier turns stay on screen).
+    """
+    turns, image = [], None
+    for message in history:
+        role = message["role"] if isinstance(message, dict) else message.role
+        texts, files = _blocks(message)
+        text = " ".join(texts)
+        if role == "user" and files:
+            turns, image = [], files[-1]
+        if role == "user" and text:
+            turns.append(elastic.user_message(text, with_image=bool(files)))
+        elif role == "assistant":
+            turns.append({"role": "assistant", "content": [{"type": "text", "text": text.replace(EMPTY, "")}]})
+    if new_image is not None:
+        turns, image = [], new_image
+    turns.append(elastic.user_message(question, with_image=new_image is not None))
+    if image is not None and turns[0]["role"] == "user" and turns[0]["content"][0]["type"] != "image":
+        turns[0] = elastic.user_message(turns[0]["content"][-1]["text"], with_image=True)  # image sent alone
+    return turns, image
+
+
+# -- side panel ----------------------------------------------------------------------------------
+def render_panel(session: Session, layer, step):
+    """Figures and teaching text for the session's last trace at ``layer`` / ``step``."""
+    trace = session.trace
+    if trace is None:
+        empty = viz.message_figure("Send a message (or pick an example) to see the cache.")
+        return empty, empty, empty, empty, viz.explain_html(None), empty, empty
+    layer = int(min(max(int(layer or 0), 0), trace.num_layers - 1))
+    step = viz.resolve_step(trace, step)
+    groups = viz.merge_groups(trace, layer, step)
+    timeline = viz.cache_timeline(trace, layer, step)
+    # The teaching tab shows the same two figures next to the explanation.
+    return (viz.attention_heatmap(trace), groups, viz.image_overlay(trace, session.image, layer, step), timeline,
+            viz.explain_html(trace, layer), groups, timeline)
+
+
+def on_slider(layer, step, request: gr.Request):
+    session = session_of(request)
+    heat, *rest = render_panel(session, layer, step)
+    return (gr.update(), *rest)  # the heatmap does not depend on layer or step
+
+
+# -- chat ----------------------------------------------------------------------------------------
+def _without_folder(error: Exception, path: str) -> str:
+    """The error text without the server's upload folder (it means nothing to users)."""
+    return str(error).replace(str(Path(path).parent) + os.sep, "")
+
+
+def _small(image):
+    image = image.copy()
+    image.thumbnail((2 * viz.image.MAX_SIDE, 2 * viz.image.MAX_SIDE))
+    return image
+
+
+def _problem(text: str):
+    gr.Warning(text)
+    return f"⚠️ {text}"
+
+
+@gpu
+def chat(message, history, method, budget, start_size, distance, max_new_tokens, layer,
+         request: gr.Request = None):
+    """Stream an answer, then update the side panel. Bad input leaves the chat untouched."""
+    history = list(history or [])
+    message = message or {}
+    question = (message.get("text") or "").strip()
+    files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+    no_change = [gr.update()] * 9
+
+    def refuse(text):
+        return (history, gr.update(), _problem(text), *no_change)
+
+    new_image = files[-1] if files else None
+    try:
+        image = elastic.load_image(new_image) if new_image else None
+    except ValueError as error:
+        yield refuse(_without_folder(error, new_image))
+        return
+    if not question:
+        yield refuse("The message is empty: type a question about the image.")
+        return
+    messages, image_path = conversation(history, question, new_image)
+    if image_path is None:
+        yield refuse("Add an image to your message (drop a file into the box or pick an example).")
+        return
+    if image is None:
+        try:
+            image = elastic.load_image(image_path)
+        except ValueError as error:
+            yield refuse(f"The conversation's image can no longer be read ({_without_folder(error, image_path)}); "
+                         "upload it again.")
+            return
+
+    user_turn = {"role": "user", "content": ([{"path": new_image}] if new_image else []) + [question]}
+    shown = history + [user_turn, {"role": "assistant", "content": ""}]
+    note = " New image: the model's context restarts from this message." if new_image and history else ""
+    yield (shown, gr.update(value=None), f"Generating with {viz.method_name(method)}…{note}", *no_change)
+
+    try:
+        model, processor = MODEL.get()
+    except elastic.ModelLoadError as error:
+        yield (history, gr.update(value=message), _problem(str(error)), *no_change)
+        return
+    tokenizer = getattr(processor, "tokenizer", processor)
+    # No timeout: run() always ends the stream, and a big model's prefill can be slow.
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = {}
+
+    def run():
+        try:
+            result["gen"] = elastic.generate(
+                model, processor, image, messages, method=method, budget=float(budget),
+                start_size=int(start_size), distance=int(distance), max_new_tokens=int(max_new_tokens),
+                streamer=streamer)
+        except Exception as error:  # reported in the UI below; the server keeps serving
+            result["error"] = error
+        finally:
+            streamer.end()  # unblock the loop below even if generate failed before streaming
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    partial = ""
+    for chunk in streamer:
+        partial += chunk
+        shown[-1] = {"role": "assistant", "content": partial}
+        yield (shown, gr.update(), f"Generating with {viz.method_name(method)}… ({len(partial.split())} words)"
+               f"{note}", *no_change)
+    worker.join()
+    if "error" in result:
+        error = result["error"]
+        text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        yield (history, gr.update(value=message), _problem(f"No answer: {text}"), *no_change)
+        return
+
+    gen = result["gen"]
+    session = session_of(request)
+    # A display-sized copy is all the overlay needs (sessions may pile up).
+    session.trace, session.image, session.stats = gen.trace, _small(image), gen.stats
+    for w in gen.warnings:
+        gr.Warning(w)
+    shown[-1] = {"role": "assistant", "content": gen.text or EMPTY}
+    steps, layers = gen.trace.decode_steps, gen.trace.num_layers
+    layer = min(int(layer or 0), layers - 1)
+    panel = render_panel(session, layer, steps)
+    yield (shown, gr.update(), viz.summary_markdown(gen.trace, gen.stats, gen.warnings), *panel,
+           gr.update(maximum=max(layers - 1, 1), value=layer), gr.update(maximum=max(steps, 1), value=steps))
+
+
+def clear_chat(request: gr.Request):
+    session = session_of(request)
+    session.trace = session.image = session.stats = None
+    return [], None, "", *render_panel(session, 0, 0)
+
+
+# -- compare -------------------------------------------------------------------------------------
+def _clean(stats: dict) -> dict:
+    """JSON-safe stats (NaN -> None)."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in stats.items()}
+
+
+@gpu
+def compare(image, question, budget, max_new_tokens, include_local=False, progress=gr.Progress()):
+    """Answer one question with full cache, Elastic Cache and H2O (and Local) at ``budget``.
+
+    Returns the side-by-side HTML, a JSON summary (``answers`` and ``metrics`` per method)
+    and the cache length of every method over the decoding steps.
+    """
+    if not image:
+        raise gr.Error("Add an image to compare on.")
+    if not (question or "").strip():
+        raise gr.Error("Type a question to compare on.")
+    try:
+        picture = elastic.load_image(image)
+    except ValueError as error:
+        raise gr.Error(_without_folder(error, image)) from None
+    try:
+        model, processor = MODEL.get()
+    except elastic.ModelLoadError as error:
+        raise gr.Error(str(error)) from None
+    methods = COMPARE_METHODS + (("local",) if include_local else ())
+    results, traces, warnings = [], {}, []
+    for i, method in enumerate(methods):
+        progress((i, len(methods)), desc=f"{viz.method_name(method)}…")
+        try:
+            gen = elastic.generate(model, processor, picture, question.strip(), method=method,
+                                   budget=1.0 if method == "full" else float(budget),
+                                   max_new_tokens=int(max_new_tokens))
+        except ValueError as error:
+            raise gr.Error(f"{viz.method_name(method)}: {error}") from None
+        warnings += [w for w in gen.warnings if w not in warnings]
+        reference = results[0]["text"] if results else gen.text
+        results.append({"method": method, "text": gen.text, "stats": _clean(gen.stats),
+                        "rouge_l": elastic.rouge_l(gen.text, reference)})
+        traces[method] = gen.trace
+    for w in warnings:
+        gr.Warning(w)
+    payload = {
+        "question": question.strip(), "budget": float(budget),
+        "answers": {r["method"]: r["text"] for r in results},
+        "metrics": {r["method"]: {"rouge_l": r["rouge_l"], **{k: r["stats"].get(k) for k in (
+            "prefill_s", "decode_s", "tokens_per_s", "new_tokens", "kv_bytes", "full_kv_bytes")}}
+            for r in results},
+        "warnings": warnings,
+    }
+    return viz.compare_html(results, float(budget)), payload, viz.lengths_figure(traces)
+
+
+def compare_from_chat(history, message):
+    """Copy the chat's image and last question into the compare inputs."""
+    image, question = None, ""
+    for m in history or []:
+        texts, files = _blocks(m)
+        role = m["role"] if isinstance(m, dict) else m.role
+        if role == "user":
+            image = files[-1] if files else image
+            question = " ".join(texts) or question
+    files = (message or {}).get("files") or []
+    text = ((message or {}).get("text") or "").strip()
+    return (files[-1] if files else image), (text or question), gr.Tabs(selected="compare")
+
+
+# -- layout --------------------------------------------------------------------------------------
+def load_examples(folder: Path) -> list[dict]:
+    """``examples.json`` of ``folder`` with absolute image paths ([] if there is none)."""
+    path = Path(folder) / "examples.json"
+    if not path.exists():
+        return []
+    return [dict(e, image=str(Path(folder) / e["image"])) for e in json.loads(path.read_text())]
+
+
+INTRO = """# Elastic Cache Explorer
+Chat about an image while a **compressed KV cache** keeps only a fraction of the keys and values.
+[Elastic Cache](https://arxiv.org/abs/2407.18121) merges unimportant prompt tokens into *anchors*
+and, while decoding, evicts at one fixed point. The panel on the right shows what it kept."""
+
+
+def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
+    """The whole app (``examples_dir`` holds ``examples.json`` and its images)."""
+    examples = load_examples(examples_dir)
+    waiting = viz.message_figure("Send a message (or pick an example) to see the cache.")
+    with gr.Blocks(title="Elastic Cache Explorer", fill_width=True) as blocks:
+        gr.Markdown(INTRO)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Explore", id="explore"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=4, min_width=340):
+                        chatbot = gr.Chatbot(label="Chat", height=430, elem_id="chatbot")
+                        msg = gr.MultimodalTextbox(
+                            file_types=["image"], file_count="single", sources=["upload"], elem_id="msg",
+                            placeholder="Ask about an image (drop or attach it here)…", show_label=False)
+                        status = gr.Markdown(label="status", elem_id="status")
+                        with gr.Row():
+                            method = gr.Radio(list(elastic.METHODS), value="elastic", label="Method")
+                            budget = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Budget (fraction kept)")
+                        with gr.Row():
+                            start_size = gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)")
+                            distance = gr.Slider(-64, 0, value=-25, step=1, label="Distance (N_tl offset)")
+                            max_new = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                        with gr.Row():
+                            clear = gr.Button("Clear chat", size="sm")
+                            to_compare = gr.Button("Compare methods on this question", size="sm")
+                        if examples:
+                            gr.Examples([[{"text": e["prompt"], "files": [e["image"]]}] for e in examples],
+                                        inputs=[msg], label="Example scenes", elem_id="chat-examples")
+                    with gr.Column(scale=5, min_width=420):
+                        with gr.Row():
+                            layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="layer")
+                            step = gr.Slider(0, 1, value=0, step=1, label="Decoding step (replay)", elem_id="step")
+                        with gr.Tabs():
+                            with gr.Tab("Attention"):
+                                heatmap = gr.Plot(waiting, label="attention", show_label=False, elem_id="heatmap")
+                            with gr.Tab("Anchors & groups"):
+                                groups = gr.Plot(waiting, label="groups", show_label=False, elem_id="groups")
+                            with gr.Tab("Image"):
+                                overlay = gr.Plot(waiting, label="image", show_label=False, elem_id="overlay")
+                            with gr.Tab("Cache over time"):
+                                timeline = gr.Plot(waiting, label="timeline", show_label=False, elem_id="timeline")
+                            with gr.Tab("How it works"):
+                                explain = gr.HTML(viz.explain_html(None), label="explanation", elem_id="explain")
+                                teach_groups = gr.Plot(waiting, label="teaching groups", show_label=False)
+                                teach_timeline = gr.Plot(waiting, label="teaching timeline", show_label=False)
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        c_image = readable_image_input(gr.Image(type="filepath", label="Image", height=260))
+                        c_question = gr.Textbox(label="Question", lines=2, elem_id="compare-question")
+                        c_budget = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget")
+                        c_max_new = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                        c_local = gr.Checkbox(False, label="Also run Local (StreamingLLM)")
+                        c_run = gr.Button("Run full / Elastic / H2O", variant="primary")
+                        if examples:
+                            gr.Examples([[e["image"], e["prompt"]] for e in examples], inputs=[c_image, c_question],
+                                        elem_id="compare-examples")
+                    with gr.Column(scale=5):
+                        c_html = gr.HTML(label="comparison", elem_id="compare-html")
+                        c_lengths = gr.Plot(label="cache lengths", show_label=False)
+                        with gr.Accordion("Answers and metrics (JSON, as the /compare API returns them)", open=False):
+                            c_json = gr.JSON(label="Answers and metrics")
+
+        panel = [heatmap, groups, overlay, timeline, explain, teach_groups, teach_timeline]
+        controls = [method, budget, start_size, distance, max_new, layer]
+        msg.submit(chat, [msg, chatbot, *controls], [chatbot, msg, status, *panel, layer, step],
+                   api_name="chat", concurrency_id="model", concurrency_limit=1)
+        for slider in (layer, step):
+            slider.change(on_slider, [layer, step], panel, api_name=False, show_progress="hidden",
+                          trigger_mode="always_last")
+        clear.click(clear_chat, None, [chatbot, msg, status, *panel], api_name=False)
+        chatbot.clear(clear_chat, None, [chatbot, msg, status, *panel], api_name=False)
+        c_run.click(compare, [c_image, c_question, c_budget, c_max_new, c_local], [c_html, c_json, c_lengths],
+                    api_name="compare", concurrency_id="model", concurrency_limit=1)
+        to_compare.click(compare_from_chat, [chatbot, msg], [c_image, c_question, tabs], api_name=False)
+        blocks.unload(forget_session)
+    return blocks
+
+
+demo = build()
+
+CSS = """
+#status { min-height: 1.5em; }
+.ec-compare > tbody > tr > td { border: 1px solid #ddd; }
+.ec-compare table td { border: none !important; padding: 2px 8px !important; }
+"""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=os.environ.get("ELASTIC_MODEL"),
+                        help="hub id or local path (default: the shipped tiny LLaVA in assets/tiny-llava), e.g. "
+                             "llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf, Qwen/Qwen2-VL-2B-Instruct")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        MODEL.load(args.model, args.device)
+    except elastic.ModelLoadError as error:
+        hint = "" if args.model else " (train it with `python -m elastic.tiny.train`, or pass --model)"
+        sys.exit(f"error: {error}{hint}")
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, share=args.share, css=CSS,
+        theme=gr.themes.Soft(), max_file_size="20mb", allowed_paths=[str(EXAMPLES_DIR)])

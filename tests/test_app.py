@@ -1,0 +1,269 @@
+"""The app launched in-process and driven through ``gradio_client``.
+
+Uses the shipped tiny LLaVA when ``assets/tiny-llava`` holds one, else a random tiny LLaVA
+built from a config (answers are then word salad, but the plumbing is the same).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app
+import elastic
+import viz
+from test_viz import arr
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _model():
+    if (elastic.SHIPPED_MODEL / "config.json").exists():
+        return elastic.load_model(device="cpu")
+    from tiny import tiny_llava
+
+    return tiny_llava(image_size=48, patch=6, layers=3)
+
+
+@pytest.fixture(scope="module")
+def server():
+    model, processor = _model()
+    app.MODEL.set(model, processor)
+    app.demo.queue().launch(prevent_thread_lock=True, quiet=True)
+    yield SimpleNamespace(url=app.demo.local_url, model=model)
+    app.demo.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    red = Image.new("RGB", (64, 48), (250, 250, 250))
+    red.paste((220, 30, 30), (4, 4, 30, 30))
+    blue = Image.new("RGB", (48, 64), (15, 15, 15))
+    blue.paste((30, 80, 235), (20, 30, 44, 60))
+    paths = {"red": folder / "red.png", "blue": folder / "blue.jpg", "text": folder / "notes.txt",
+             "corrupt": folder / "broken.png", "huge": folder / "huge.png"}
+    red.save(paths["red"])
+    blue.save(paths["blue"])
+    paths["text"].write_text("this is not an image")
+    paths["text_as_png"] = folder / "notes.png"
+    paths["text_as_png"].write_text("this is not an image either")
+    paths["corrupt"].write_bytes(paths["red"].read_bytes()[:60])  # a PNG header, then nothing
+    Image.new("RGB", (6000, 4000), (200, 200, 40)).save(paths["huge"])
+    return paths
+
+
+def chat(client, image, text, history=(), method="elastic", budget=0.5, start_size=1, distance=-8,
+         max_new_tokens=12, layer=0):
+    """Run /chat and return every yield (the last one is the final state)."""
+    message = {"text": text, "files": [handle_file(str(image))] if image else []}
+    job = client.submit(message, resend(list(history)), method, budget, start_size, distance, max_new_tokens, layer,
+                        api_name="/chat")
+    job.result()
+    return job.outputs()
+
+
+def resend(history: list) -> list:
+    """A chatbot value as gradio_client returns it, made fit to send back (files re-attached)."""
+    def block(item):
+        if item.get("type") == "file":
+            return {"type": "file", "file": handle_file(item["file"])}
+        return item
+    return [{**m, "content": [block(c) for c in m["content"]]} for m in history]
+
+
+def figure(output) -> dict:
+    """A gr.Plot output as the browser gets it (plotly JSON)."""
+    return json.loads(output["plot"])
+
+
+def trace_data(fig: dict, name: str) -> dict:
+    return next(t for t in fig["data"] if t.get("name") == name)
+
+
+def session_trace(client) -> elastic.Trace:
+    return app.SESSIONS[client.session_hash].trace
+
+
+# -- chat -----------------------------------------------------------------------------------------
+def test_chat_streams_an_answer_and_draws_its_trace(server, images):
+    client = Client(server.url, verbose=False)
+    outputs = chat(client, images["red"], "what is in the image ?")
+    assert len(outputs) >= 3  # "generating", at least one streamed chunk, the final state
+    history, _, status, heat, groups, overlay, timeline, explain, *_teach, layer, step = outputs[-1]
+    answer = history[-1]
+    assert answer["role"] == "assistant" and answer["content"][0]["text"].strip()
+    assert "KV entries" in status
+    trace = session_trace(client)
+    assert trace.method == "elastic" and step["value"] == trace.decode_steps == step["maximum"]
+    heat = figure(heat)
+    np.testing.assert_allclose(arr(trace_data(heat, "scores")["customdata"]), trace.scores_matrix(), rtol=1e-6)
+    assert trace_data(figure(timeline), "cache length")["y"] == list(trace.lengths)
+    cells = trace_data(figure(overlay), "patches")
+    start, end = trace.image_span
+    assert np.asarray(cells["customdata"])[..., 0].size == end - start
+    assert figure(overlay)["layout"]["images"]  # the uploaded image is drawn under the cells
+    assert f"= {trace.fixed_point}" in explain
+
+
+def test_second_turn_keeps_the_conversation(server, images):
+    client = Client(server.url, verbose=False)
+    first = chat(client, images["red"], "what colour ?")[-1][0]
+    T1 = session_trace(client).prompt_length
+    second = chat(client, None, "and the shape ?", history=first)[-1][0]
+    assert second[: len(first)] == first and second[-1]["role"] == "assistant"
+    assert session_trace(client).prompt_length > T1 + 3  # the first turn is in the prompt
+
+
+def test_two_clients_get_their_own_traces(server, images):
+    a, b = Client(server.url, verbose=False), Client(server.url, verbose=False)
+    results = {}
+
+    def run(name, client, image, method):
+        results[name] = chat(client, images[image], "what is in the image ?", method=method, budget=0.3)[-1]
+
+    threads = [threading.Thread(target=run, args=("a", a, "red", "elastic")),
+               threading.Thread(target=run, args=("b", b, "blue", "h2o"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ta, tb = session_trace(a), session_trace(b)
+    assert (ta.method, tb.method) == ("elastic", "h2o")
+    for out, trace in ((results["a"], ta), (results["b"], tb)):
+        timeline = figure(out[6])
+        assert trace_data(timeline, "cache length")["y"] == list(trace.lengths)
+        assert viz.method_name(trace.method) in figure(out[4])["layout"]["title"]["text"]
+    assert figure(results["a"][5])["layout"]["images"] != figure(results["b"][5])["layout"]["images"]
+
+
+# -- compare --------------------------------------------------------------------------------------
+def test_compare_endpoint_returns_answers_and_metrics(server, images):
+    client = Client(server.url, verbose=False)
+    html, payload, lengths = client.predict(handle_file(str(images["red"])), "what is in the image ?", 0.3, 10,
+                                            api_name="/compare")
+    assert set(payload["answers"]) == {"full", "elastic", "h2o"}
+    assert all(text.strip() for text in payload["answers"].values())
+    metrics = payload["metrics"]
+    assert metrics["full"]["rouge_l"] == 1.0
+    for method in ("elastic", "h2o"):
+        assert metrics[method]["rouge_l"] == pytest.approx(
+            elastic.rouge_l(payload["answers"][method], payload["answers"]["full"]))
+        assert metrics[method]["kv_bytes"] < metrics["full"]["kv_bytes"]
+    assert html.count('class="ec-answer"') == 3 and "ROUGE-L" in html
+    names = [t["name"] for t in figure(lengths)["data"]]
+    assert names == ["Full cache", "Elastic Cache", "H2O"]
+
+
+def test_compare_can_add_local(server, images):
+    client = Client(server.url, verbose=False)
+    _, payload, _ = client.predict(handle_file(str(images["blue"])), "what colour ?", 0.5, 4, True,
+                                   api_name="/compare")
+    assert set(payload["answers"]) == {"full", "elastic", "h2o", "local"}
+
+
+@pytest.mark.parametrize("image, question, expected", [
+    ("text", "what ?", "not an image"),
+    ("corrupt", "what ?", "broken.png is not a readable image"),
+    ("red", "   ", "question"),
+])
+def test_compare_bad_input_has_a_clear_message(server, images, image, question, expected):
+    client = Client(server.url, verbose=False)
+    with pytest.raises(AppError, match=expected):
+        client.predict(handle_file(str(images[image])), question, 0.3, 4, api_name="/compare")
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def conversation(server, images):
+    client = Client(server.url, verbose=False)
+    return client, chat(client, images["red"], "what colour ?")[-1][0]
+
+
+def test_a_non_image_file_is_refused_by_type(server, images, conversation):
+    # The box only takes images: gradio refuses other files before the handler runs
+    # (the browser's file picker does not even offer them).
+    client, history = conversation
+    with pytest.raises(AppError, match="upload a file that is one of these formats: \\['image'\\]"):
+        chat(client, images["text"], "what ?", history=history)
+
+
+@pytest.mark.parametrize("case", ["no image", "renamed text", "corrupt", "empty", "too long"])
+def test_bad_input_keeps_the_conversation(server, images, conversation, case):
+    client, history = conversation
+    fresh = Client(server.url, verbose=False)
+    too_long = "red " * (elastic.generation.context_length(server.model) + 50)
+    if case == "no image":  # a new chat without an image
+        out = chat(fresh, None, "what colour ?")[-1]
+        expected, kept = "Add an image", []
+    else:
+        image, text, expected = {
+            "renamed text": (images["text_as_png"], "what ?", "not a readable image"),
+            "corrupt": (images["corrupt"], "what ?", "not a readable image"),
+            "empty": (None, "  ", "message is empty"),
+            "too long": (None, too_long, "context"),
+        }[case]
+        out = chat(client, image, text, history=history)[-1]
+        kept = history
+    assert out[0] == kept, "the conversation must be unchanged"
+    assert out[2].startswith("⚠️") and expected in out[2]
+    assert "/tmp/gradio" not in out[2]  # no server paths in messages
+
+
+def test_tiny_budget_and_huge_image_still_answer_with_a_note(server, images):
+    client = Client(server.url, verbose=False)
+    out = chat(client, images["huge"], "what colour ?", budget=0.05, start_size=16, max_new_tokens=4)[-1]
+    assert out[0][-1]["role"] == "assistant"
+    assert "⚠️" in out[2] and "protected" in out[2]
+    trace = session_trace(client)
+    assert len(trace.layers[0].kept) >= len(trace.protected) + 1
+
+
+def test_server_keeps_serving_after_bad_input(server, images):
+    client = Client(server.url, verbose=False)
+    chat(client, images["corrupt"], "what ?")
+    with pytest.raises(AppError):
+        chat(client, images["text"], "what ?")
+    out = chat(client, images["red"], "what colour ?")[-1]
+    assert out[0][-1]["role"] == "assistant" and "KV entries" in out[2]
+
+
+# -- wiring details -------------------------------------------------------------------------------
+def test_unload_forgets_the_session():
+    app.SESSIONS["gone"] = app.Session()
+    app.forget_session(SimpleNamespace(session_hash="gone"))
+    assert "gone" not in app.SESSIONS
+
+
+def test_conversation_restarts_at_the_last_image():
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/a.png"}}, {"type": "text", "text": "q1"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a1"}]},
+        {"role": "user", "content": [{"type": "text", "text": "q2"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a2"}]},
+    ]
+    messages, image = app.conversation(history, "q3", None)
+    assert image == "/a.png"
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert messages[0]["content"][0] == {"type": "image"} and messages[-1]["content"] == [{"type": "text", "text": "q3"}]
+    messages, image = app.conversation(history, "q3", "/b.png")
+    assert image == "/b.png" and len(messages) == 1 and messages[0]["content"][0] == {"type": "image"}
+
+
+def test_a_model_that_fails_to_load_gives_one_clear_message(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not load model") and "missing" in last
+    assert "Traceback" not in out.stderr

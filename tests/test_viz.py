@@ -1,0 +1,298 @@
+"""viz: every figure draws exactly the trace's data (compared against the trace arrays)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import elastic
+import viz
+from tiny import tiny_llama
+
+T, NEW = 90, 16
+SPANS = {"system": (0, 10), "image": (10, 74), "instruction": (74, 90)}
+
+
+def _run(model, method, **params):
+    ids = torch.randint(4, 64, (1, T), generator=torch.Generator().manual_seed(3))
+    cache = elastic.make_cache(method, **params)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                   do_sample=False, cache=cache, pad_token_id=1)
+    cache.annotate(spans=SPANS, image_grid=(8, 8), tokens=[f"w<{i}>" for i in range(T + NEW)])
+    return cache.trace
+
+
+@pytest.fixture(scope="module")
+def traces():
+    model = elastic.attach(tiny_llama(layers=3, sharpness=4.0))
+    return {
+        "elastic": _run(model, "elastic", budget=0.3, distance=-8),
+        "h2o": _run(model, "h2o", budget=0.3),
+        "local": _run(model, "local", budget=0.3),
+        "full": _run(model, "full"),
+    }
+
+
+def arr(value):
+    """A plotly data field as a numpy array (decodes base64 typed arrays if present)."""
+    if isinstance(value, dict) and "bdata" in value:
+        out = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        if isinstance(shape, str):  # plotly writes "2, 3"
+            shape = [int(n) for n in shape.split(",")]
+        return out.reshape(shape) if shape else out
+    return np.asarray(value)
+
+
+def data(fig, name):
+    """The (JSON round-tripped, as the browser gets it) trace called ``name``."""
+    found = [t for t in json.loads(fig.to_json())["data"] if t.get("name") == name]
+    assert len(found) == 1, f"expected one trace named {name!r}, got {len(found)}"
+    return found[0]
+
+
+def names(fig):
+    return [t.name for t in fig.data]
+
+
+@pytest.fixture
+def image():
+    img = Image.new("RGB", (120, 80), "white")
+    img.paste((255, 0, 0), (0, 0, 40, 40))
+    return img
+
+
+def test_fixture_traces_are_interesting(traces):
+    # The checks below mean little unless merging and decode-time evictions happened.
+    t = traces["elastic"]
+    assert len(t.layers[0].merged) > 0 and len(t.evictions) > 0 and t.fixed_point is not None
+
+
+# -- attention heatmap -------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["elastic", "h2o"])
+def test_heatmap_is_the_score_matrix(traces, method):
+    t = traces[method]
+    fig = viz.attention_heatmap(t)
+    heat = data(fig, "scores")
+    np.testing.assert_allclose(arr(heat["z"]), np.log10(np.maximum(t.scores_matrix(), 1e-6)), rtol=1e-6)
+    np.testing.assert_allclose(arr(heat["customdata"]), t.scores_matrix(), rtol=1e-6)
+    assert arr(heat["x"]).tolist() == list(range(t.prompt_length))
+    assert arr(heat["y"]).tolist() == list(range(t.num_layers))
+
+
+@pytest.mark.parametrize("method", ["elastic", "h2o", "local"])
+def test_heatmap_marks_every_layers_kept_positions(traces, method):
+    t = traces[method]
+    fig = viz.attention_heatmap(t)
+    name = "anchors" if method == "elastic" else "kept"
+    marks = data(fig, name)
+    drawn = sorted(zip(arr(marks["y"]).tolist(), arr(marks["x"]).tolist()))
+    protected = set(t.protected.tolist())
+    expected = sorted((l, int(p)) for l, lt in enumerate(t.layers) for p in lt.kept if p not in protected)
+    assert drawn == expected
+    prot = data(fig, "protected")
+    assert sorted(set(arr(prot["x"]).tolist())) == sorted(protected)
+
+
+def test_heatmap_band_is_the_spans(traces):
+    t = traces["elastic"]
+    fig = viz.attention_heatmap(t)
+    band = {s.name[len("span:"):]: (s.x0 + 0.5, s.x1 + 0.5) for s in fig.layout.shapes if (s.name or "").startswith("span:")}
+    assert band == {k: tuple(map(float, v)) for k, v in SPANS.items()}
+
+
+def test_heatmap_without_scores_has_no_heatmap(traces):
+    fig = viz.attention_heatmap(traces["local"])
+    assert "scores" not in names(fig)
+    assert "does not score" in fig.layout.title.text
+
+
+# -- merge groups ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", [0, 2])
+def test_groups_colour_each_position_by_its_trace_group(traces, layer):
+    t = traces["elastic"]
+    lt = t.layers[layer]
+    fig = viz.merge_groups(t, layer=layer, step=0)
+    bars = data(fig, "prompt")
+    custom = arr(bars["customdata"])
+    assert custom[:, 0].tolist() == list(range(t.prompt_length))
+    assert custom[:, 1].tolist() == lt.group.tolist()
+    colours = bars["marker"]["color"]
+    # Same group -> same colour, neighbouring groups -> different colours.
+    for p, g in enumerate(lt.group):
+        assert colours[p] == colours[g]
+    anchors_in_order = lt.kept
+    for a, b in zip(anchors_in_order[:-1], anchors_in_order[1:]):
+        assert colours[a] != colours[b]
+
+
+def test_groups_anchors_are_the_trace_kept_positions(traces):
+    t = traces["elastic"]
+    fig = viz.merge_groups(t, layer=1)
+    anchors = arr(data(fig, "anchors")["x"]).tolist()
+    assert anchors == [int(p) for p in t.layers[1].kept if p not in set(t.protected.tolist())]
+    assert arr(data(fig, "protected")["x"]).tolist() == t.protected.tolist()
+    assert arr(data(fig, "evicted at prefill")["x"]).tolist() == []  # elastic merges, never drops
+
+
+def test_groups_show_h2o_prefill_evictions(traces):
+    t = traces["h2o"]
+    fig = viz.merge_groups(t, layer=0, step=0)
+    assert arr(data(fig, "evicted at prefill")["x"]).tolist() == t.layers[0].evicted.tolist()
+    assert arr(data(fig, "kept")["x"]).tolist() == t.layers[0].kept.tolist()
+
+
+@pytest.mark.parametrize("step", [0, 5, NEW - 1])
+def test_groups_replay_the_cache_at_a_step(traces, step):
+    t = traces["elastic"]
+    layer = 1
+    fig = viz.merge_groups(t, layer=layer, step=step)
+    held = t.positions_at(layer, step)
+    group = t.layers[layer].group
+    gone = [p for p in range(t.prompt_length) if group[p] not in held]
+    assert arr(data(fig, "removed while decoding")["x"]).tolist() == gone
+    colours = data(fig, "prompt")["marker"]["color"]
+    assert [p for p, c in enumerate(colours) if c == viz.groups.DROPPED_FILL] == gone
+    fed = list(range(t.prompt_length, t.prompt_length + step))
+    assert arr(data(fig, "generated (held)")["x"]).tolist() == [p for p in fed if p in held]
+    assert arr(data(fig, "generated (removed)")["x"]).tolist() == [p for p in fed if p not in held]
+    if step == 0:
+        assert gone == []
+
+
+def test_groups_hover_shows_token_text_escaped(traces):
+    t = traces["elastic"]
+    bars = data(viz.merge_groups(t, 0), "prompt")
+    assert "'w&lt;5&gt;'" in bars["hovertext"][5]
+
+
+# -- image overlay ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["elastic", "local"])
+def test_image_overlay_has_one_cell_per_image_token(traces, image, method):
+    t = traces[method]
+    start, end = t.image_span
+    fig = viz.image_overlay(t, image, layer=1)
+    cells = data(fig, "patches")
+    assert arr(cells["z"]).shape == (8, 8)
+    custom = arr(cells["customdata"])
+    assert custom[..., 0].ravel().tolist() == list(range(start, end))  # row-major patch order
+    assert custom[..., 1].ravel().tolist() == t.layers[1].group[start:end].tolist()
+    if t.layers[1].scores is not None:
+        np.testing.assert_allclose(arr(cells["z"]).ravel(), np.log10(np.maximum(t.layers[1].scores[start:end], 1e-6)), rtol=1e-6)
+    assert len(fig.layout.images) == 1
+
+
+def test_image_overlay_marks_kept_and_removed_patches(traces, image):
+    t = traces["elastic"]
+    start, end = t.image_span
+    step = t.decode_steps
+    fig = viz.image_overlay(t, image, layer=0, step=step)
+    kept = [int(p) for p in t.layers[0].kept if start <= p < end]
+    marks = data(fig, "anchors")
+    assert arr(marks["customdata"]).tolist() == kept
+    assert arr(marks["x"]).tolist() == [(p - start) % 8 for p in kept]
+    assert arr(marks["y"]).tolist() == [(p - start) // 8 for p in kept]
+    held = t.positions_at(0, step)
+    removed = [p for p in range(start, end) if t.layers[0].group[p] not in held]
+    assert arr(data(fig, "removed while decoding")["customdata"]).tolist() == removed
+
+
+def test_image_overlay_without_image_or_grid(traces):
+    t = traces["elastic"]
+    assert len(viz.image_overlay(t, None).layout.images) == 0
+    import dataclasses
+
+    no_image = dataclasses.replace(t, spans={"instruction": (0, t.prompt_length)}, image_grid=None)
+    fig = viz.image_overlay(no_image)
+    assert len(fig.data) == 0 and "no image" in fig.layout.annotations[0].text
+    wrong_grid = dataclasses.replace(t, image_grid=(4, 4))  # 16 != 64 image tokens: square fallback
+    assert viz.image_grid(wrong_grid) == (8, 8)
+
+
+# -- timeline -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["elastic", "h2o", "full"])
+def test_timeline_is_the_trace_lengths_and_evictions(traces, method):
+    t = traces[method]
+    layer = 2
+    fig = viz.cache_timeline(t, layer=layer, step=3)
+    assert arr(data(fig, "cache length")["y"]).tolist() == list(t.lengths)
+    assert arr(data(fig, "full cache")["y"]).tolist() == t.full_lengths().tolist()
+    ev = data(fig, "evictions")
+    rows = t.evictions_of(layer)
+    assert arr(ev["x"]).tolist() == rows[:, 0].tolist()
+    assert arr(ev["customdata"]).tolist() == rows[:, 1].tolist()
+    assert arr(data(fig, "KV bytes")["y"]).tolist() == t.kv_bytes().tolist()
+    assert arr(data(fig, "full KV bytes")["y"]).tolist() == (t.full_lengths() * t.bytes_per_entry).tolist()
+    hlines = [s.y0 for s in fig.layout.shapes if s.type == "line" and s.y0 == s.y1]
+    if t.fixed_point is None:
+        assert hlines == []
+    else:
+        assert hlines == [t.fixed_point]
+    vlines = [s.x0 for s in fig.layout.shapes if s.type == "line" and s.x0 == s.x1]
+    assert vlines == [3, 3]
+
+
+def test_step_is_clipped(traces):
+    t = traces["elastic"]
+    fig = viz.cache_timeline(t, step=10_000)
+    assert f"step {t.decode_steps}" in fig.layout.title.text
+
+
+# -- text -----------------------------------------------------------------------------------------
+def test_diff_tokens_marks_changed_and_missing_words():
+    diff = viz.diff_tokens("a red circle top left", "a blue circle left")
+    assert diff == [("same", "a"), ("missing", "red"), ("changed", "blue"), ("same", "circle"),
+                    ("missing", "top"), ("same", "left")]
+    assert viz.diff_tokens("same words", "same words") == [("same", "same"), ("same", "words")]
+
+
+def test_compare_html_shows_answers_and_metrics():
+    stats = {"prefill_s": 0.5, "decode_s": 1.5, "tokens_per_s": 12.0, "kv_bytes": 300, "full_kv_bytes": 1000}
+    html = viz.compare_html([
+        {"method": "full", "text": "a red <circle>", "stats": {**stats, "kv_bytes": 1000}},
+        {"method": "elastic", "text": "a blue <circle>", "stats": stats, "rouge_l": 0.6667},
+    ], budget=0.3)
+    assert "Full cache" in html and "Elastic Cache" in html
+    assert "&lt;circle&gt;" in html and "<circle>" not in html  # answers are escaped
+    assert '<mark class="ec-changed" style="background:#ffd166">blue</mark>' in html
+    assert "0.667" in html and "2.00 s" in html and "12.0" in html and "30% of full" in html
+
+
+def test_explain_html_uses_the_trace_numbers(traces):
+    t = traces["elastic"]
+    text = viz.explain_html(t, layer=1)
+    assert f"= {t.fixed_point}" in text and f"= {len(t.layers[1].kept)} entries" in text
+    assert f"{len(t.evictions_of(1))} deletions" in text
+    assert "H2O" in viz.explain_html(traces["h2o"])
+    assert "Send a message" in viz.explain_html(None)
+
+
+def test_figures_serialise_to_json(traces, image):
+    # gradio ships figures as JSON: NaN-free, plain JSON.
+    for t in traces.values():
+        for fig in (viz.attention_heatmap(t), viz.merge_groups(t, 0), viz.image_overlay(t, image, 0),
+                    viz.cache_timeline(t, 0)):
+            json.loads(fig.to_json())
+
+
+def test_viz_imports_no_gradio_or_model_code():
+    import subprocess
+    import sys
+
+    code = "import sys, viz; bad = [m for m in ('gradio', 'torch', 'transformers', 'elastic') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_summary_markdown_reads_the_trace(traces):
+    t = traces["elastic"]
+    stats = {"kv_bytes": int(t.kv_bytes()[-1]), "full_kv_bytes": int(t.full_lengths()[-1] * t.bytes_per_entry),
+             "prefill_s": 0.1, "tokens_per_s": float("nan"), "new_tokens": NEW}
+    md = viz.summary_markdown(t, stats, ["careful"])
+    assert f"{t.lengths[-1]} of {t.full_lengths()[-1]} KV entries" in md
+    assert "n/a tokens/s" in md and md.endswith("⚠️ careful")

@@ -1,0 +1,30 @@
+"""Figures for Elastic Cache traces: pure functions from a trace (and image) to plotly / HTML.
+
+No gradio and no model code here: every function reads an :class:`elastic.Trace` and
+never recomputes the algorithm (anchors are ``trace.layers[l].kept``, groups
+``trace.layers[l].group``, the cache at a step ``trace.positions_at(l, s)``).
+
+    import viz
+    viz.attention_heatmap(trace)            # layer x position importance, spans, anchors
+    viz.merge_groups(trace, layer, step)    # every position coloured by its anchor
+    viz.image_overlay(trace, image, layer, step)  # patches over the input image
+    viz.cache_timeline(trace, layer, step)  # length / KV bytes vs decoding step, N_tl
+    viz.lengths_figure({method: trace})     # several methods' cache lengths on one prompt
+    viz.compare_html(results)               # answers side by side, metrics, word diff
+    viz.explain_html(trace, layer)          # "How it works" with this prompt's numbers
+"""
+
+from .groups import merge_groups
+from .heatmap import attention_heatmap
+from .image import image_grid, image_overlay
+from .state import PromptState, prompt_state
+from .style import human_bytes, message_figure, method_name, resolve_step
+from .teaching import explain_html
+from .text import compare_html, diff_html, diff_tokens, summary_markdown
+from .timeline import cache_timeline, lengths_figure
+
+__all__ = [
+    "attention_heatmap", "merge_groups", "image_overlay", "image_grid", "cache_timeline", "lengths_figure",
+    "human_bytes", "message_figure", "method_name", "resolve_step",
+    "compare_html", "diff_html", "diff_tokens", "summary_markdown", "explain_html", "prompt_state", "PromptState",
+]

@@ -1,0 +1,160 @@
+"""The input image with per-patch importance and kept / merged / evicted status."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from PIL import Image
+
+from .state import ANCHOR, EVICTED, MERGED, PROTECTED, prompt_state
+from .style import ANCHOR_COLOUR, DROPPED_COLOUR, log_scores, message_figure, resolve_step
+
+# The embedded picture travels to the browser with every figure: keep it small.
+MAX_SIDE = 336
+
+
+def image_grid(trace) -> tuple[int, int] | None:
+    """``(rows, cols)`` of the image tokens, or None if the prompt has no mappable image.
+
+    Uses ``trace.image_grid`` when it covers the image span exactly; otherwise a square
+    span (LLaVA: 24 x 24) is taken as a square grid.
+    """
+    span = trace.image_span
+    if span is None:
+        return None
+    n = span[1] - span[0]
+    if trace.image_grid is not None:
+        rows, cols = (int(v) for v in trace.image_grid)
+        if rows * cols == n:
+            return rows, cols
+    side = int(round(n ** 0.5))
+    return (side, side) if side * side == n and n > 0 else None
+
+
+def fit_image(image: Image.Image, rows: int, cols: int) -> Image.Image:
+    """Centre-crop ``image`` to the grid's aspect ratio and shrink it for display.
+
+    LLaVA-1.5's processor resizes the short side and centre-crops to a square, so the
+    crop is what the patches actually saw; Qwen2-VL resizes to the grid's aspect, so the
+    crop only trims rounding margins.
+    """
+    image = image.convert("RGB")
+    w, h = image.size
+    target = cols / rows
+    if w / h > target:
+        new_w = max(1, round(h * target))
+        left = (w - new_w) // 2
+        image = image.crop((left, 0, left + new_w, h))
+    elif w / h < target:
+        new_h = max(1, round(w / target))
+        top = (h - new_h) // 2
+        image = image.crop((0, top, w, top + new_h))
+    image = image.copy()
+    image.thumbnail((MAX_SIDE, MAX_SIDE))
+    return image
+
+
+def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step: int | None = None,
+                  height: int = 420) -> go.Figure:
+    """Per-patch importance and status of ``layer`` at ``step``, over the input image.
+
+    Parameters
+    ----------
+    trace : elastic.Trace
+    image : PIL.Image.Image or None
+        The input image (drawn under the cells when given).
+    layer : int
+    step : int or None
+        Decode step to replay (None = the last one).
+    height : int
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        A heatmap ``patches`` with one cell per image token (``rows x cols`` from
+        :func:`image_grid`, row-major): ``log10`` score where the method scores,
+        else 1 for held and 0 for gone; ``customdata`` = [position, holding entry].
+        Markers ``anchors`` (kept image tokens), ``evicted at prefill`` and ``removed while
+        decoding`` sit on their cells.
+    """
+    grid = image_grid(trace)
+    if grid is None:
+        return message_figure("This prompt has no image tokens to map onto the image.", "The image", height=200)
+    rows, cols = grid
+    step = resolve_step(trace, step)
+    start, end = trace.image_span
+    state = prompt_state(trace, layer, step)
+    positions = np.arange(start, end)
+    lt = trace.layers[layer]
+
+    labels = []
+    for p in positions.tolist():
+        status, g = state.status[p], int(state.group[p])
+        text = f"position {p} (row {(p - start) // cols}, col {(p - start) % cols})<br>"
+        if status == MERGED:
+            where = f"row {(g - start) // cols}, col {(g - start) % cols}" if start <= g < end else trace.token_type(g)
+            text += f"merged into {g} ({where})"
+        elif status == EVICTED:
+            text += "evicted at the prefill"
+        else:
+            text += "kept (anchor)" if status == ANCHOR else status
+        if state.dropped[p]:
+            text += f"<br>removed while decoding at step {state.dropped_at[p]}"
+        if lt.scores is not None:
+            text += f"<br>score {float(lt.scores[p]):.4g}"
+        labels.append(text)
+
+    if lt.scores is not None:
+        z = log_scores(lt.scores[start:end]).reshape(rows, cols)
+        colorscale, colorbar = "Viridis", dict(title=dict(text="log10<br>score", side="top"), thickness=12)
+    else:
+        # No scores: colour by whether the patch still lives in the cache.
+        alive = (state.group[start:end] >= 0) & ~state.dropped[start:end]
+        z = alive.astype(float).reshape(rows, cols)
+        colorscale, colorbar = [[0, "rgba(40,40,40,0.9)"], [1, "rgba(42,157,143,0.15)"]], None
+
+    fig = go.Figure()
+    fig.add_trace(go.Heatmap(
+        name="patches", z=z.tolist(), x=list(range(cols)), y=list(range(rows)),
+        customdata=[[[int(positions[r * cols + c]), int(state.group[positions[r * cols + c]])]
+                     for c in range(cols)] for r in range(rows)],
+        text=np.array(labels, dtype=object).reshape(rows, cols).tolist(),
+        hovertemplate="%{text}<extra></extra>", colorscale=colorscale, showscale=colorbar is not None,
+        colorbar=colorbar, opacity=0.45 if image is not None else 1.0, xgap=0.5, ygap=0.5,
+    ))
+
+    def cells(name, ps, symbol, colour, size):
+        ps = [int(p) for p in ps]
+        fig.add_trace(go.Scatter(
+            name=name, x=[(p - start) % cols for p in ps], y=[(p - start) // cols for p in ps], mode="markers",
+            customdata=ps, marker=dict(symbol=symbol, color=colour, size=size, line=dict(color=colour, width=1.5)),
+            hovertemplate=f"{name}: position %{{customdata}}<extra></extra>",
+        ))
+
+    image_status = [state.status[p] for p in positions]
+    kept = [p for p, s in zip(positions, image_status) if s in (ANCHOR, PROTECTED)]
+    marker_size = max(3, min(10, int(300 / max(rows, cols))))
+    cells("anchors" if trace.method == "elastic" else "kept", kept, "circle-open", ANCHOR_COLOUR, marker_size)
+    cells("evicted at prefill", [p for p, s in zip(positions, image_status) if s == EVICTED], "x-thin-open",
+          "#444444", marker_size)
+    cells("removed while decoding", positions[state.dropped[start:end]], "x-thin-open", DROPPED_COLOUR, marker_size)
+
+    if image is not None:
+        fig.add_layout_image(dict(
+            source=fit_image(image, rows, cols), xref="x", yref="y", x=-0.5, y=-0.5, sizex=cols, sizey=rows,
+            xanchor="left", yanchor="top", sizing="stretch", layer="below", name="input",
+        ))
+    n_kept = len(kept)
+    n_merged = sum(s == MERGED for s in image_status)
+    fig.update_layout(
+        title=dict(text=f"Image tokens, layer {layer}, step {step}: {n_kept} kept, {n_merged} merged, "
+                        f"{rows * cols - n_kept - n_merged} evicted", font=dict(size=14)),
+        height=height, margin=dict(l=20, r=20, t=50, b=40),
+        xaxis=dict(range=[-0.5, cols - 0.5], showgrid=False, zeroline=False, showticklabels=False, constrain="domain"),
+        yaxis=dict(range=[rows - 0.5, -0.5], showgrid=False, zeroline=False, showticklabels=False,
+                   scaleanchor="x", scaleratio=1, constrain="domain"),
+        legend=dict(orientation="h", y=-0.02, x=0),
+        plot_bgcolor="white", template="plotly_white",
+    )
+    return fig
+

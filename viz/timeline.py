@@ -1,0 +1,114 @@
+"""The cache over time: entries and KV bytes per decode step, against a full cache."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .style import DROPPED_COLOUR, SPAN_COLOURS, human_bytes, method_name, resolve_step, token_text
+
+
+def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int = 400) -> go.Figure:
+    """Cache length and KV bytes after every forward, with N_tl and each eviction marked.
+
+    Parameters
+    ----------
+    trace : elastic.Trace
+    layer : int
+        Layer whose evictions are marked (all layers have the same length).
+    step : int or None
+        Decode step to mark with a vertical line (None = the last one).
+    height : int
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Top: ``cache length`` (``trace.lengths``), ``full cache`` (``trace.full_lengths()``)
+        and ``evictions`` (one marker per row of ``trace.evictions_of(layer)``, at its step
+        and the length after it; ``customdata`` = evicted position), plus a line at
+        ``trace.fixed_point`` (N_tl) when the method has one. Bottom: ``KV bytes`` and
+        ``full KV bytes``.
+    """
+    step = resolve_step(trace, step)
+    steps = list(range(len(trace.lengths)))
+    lengths = [int(v) for v in trace.lengths]
+    full = [int(v) for v in trace.full_lengths()]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.08)
+    fig.add_trace(go.Scatter(name="full cache", x=steps, y=full, mode="lines",
+                             line=dict(color="#7f7f7f", dash="dash")), row=1, col=1)
+    fig.add_trace(go.Scatter(name="cache length", x=steps, y=lengths, mode="lines",
+                             line=dict(color=SPAN_COLOURS["image"], width=3)), row=1, col=1)
+    rows = trace.evictions_of(layer)
+    fig.add_trace(go.Scatter(
+        name="evictions", x=[int(s) for s in rows[:, 0]], y=[lengths[int(s)] for s in rows[:, 0]],
+        customdata=[int(p) for p in rows[:, 1]],
+        hovertext=[f"step {int(s)}: removed position {int(p)} '{token_text(trace, int(p))}'" for s, p in rows],
+        hovertemplate="%{hovertext}<extra></extra>", mode="markers",
+        marker=dict(symbol="x-thin", size=9, color=DROPPED_COLOUR, line=dict(color=DROPPED_COLOUR, width=2)),
+    ), row=1, col=1)
+    if trace.fixed_point is not None:
+        # Slots below N_tl (the compressed prompt head) are never evicted while decoding.
+        fig.add_hrect(y0=0, y1=trace.fixed_point, fillcolor=SPAN_COLOURS["image"], opacity=0.08, line_width=0,
+                      row=1, col=1)
+        fig.add_hline(y=trace.fixed_point, line=dict(color=DROPPED_COLOUR, dash="dot"), row=1, col=1,
+                      annotation_text=f"N_tl = {trace.fixed_point} (fixed eviction slot)",
+                      annotation_position="bottom right", name="N_tl")
+
+    kv = [int(v) for v in trace.kv_bytes()]
+    full_kv = [int(v) * int(trace.bytes_per_entry) for v in full]
+    fig.add_trace(go.Scatter(name="full KV bytes", x=steps, y=full_kv, mode="lines", showlegend=False,
+                             line=dict(color="#7f7f7f", dash="dash"),
+                             hovertemplate="full: %{y:,} bytes<extra></extra>"), row=2, col=1)
+    fig.add_trace(go.Scatter(name="KV bytes", x=steps, y=kv, mode="lines", fill="tozeroy", showlegend=False,
+                             line=dict(color=SPAN_COLOURS["image"]),
+                             hovertemplate="kept: %{y:,} bytes<extra></extra>"), row=2, col=1)
+    for row in (1, 2):
+        fig.add_vline(x=step, line=dict(color="#333333", width=1), row=row, col=1)
+
+    share = kv[step] / full_kv[step] if full_kv[step] else 1.0
+    fig.update_layout(
+        title=dict(text=f"{method_name(trace.method)}: {lengths[step]} entries at step {step}; "
+                        f"KV {human_bytes(kv[step])} kept vs {human_bytes(full_kv[step])} full ({share:.0%})",
+                   font=dict(size=14)),
+        height=height, margin=dict(l=60, r=20, t=50, b=40),
+        legend=dict(orientation="h", y=1.0, x=0, yanchor="bottom"),
+        template="plotly_white",
+    )
+    fig.update_yaxes(title_text="entries per layer", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="KV bytes", rangemode="tozero", row=2, col=1)
+    fig.update_xaxes(title_text="decoding step (0 = after prefill)", row=2, col=1)
+    return fig
+
+
+
+def lengths_figure(traces: dict, height: int = 300) -> go.Figure:
+    """Cache length per decoding step of several runs of the same prompt (one line each).
+
+    Parameters
+    ----------
+    traces : dict
+        ``method -> elastic.Trace`` (e.g. full, elastic, h2o on one question).
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        One line per method, named by :func:`method_name`, with ``y = trace.lengths``.
+    """
+    colours = {"full": "#7f7f7f", "elastic": SPAN_COLOURS["image"], "h2o": SPAN_COLOURS["instruction"],
+               "local": "#7b5ea7"}
+    # Methods at one budget keep the same number of entries: dashes keep every line visible.
+    dashes = {"full": "dash", "h2o": "dot", "local": "dashdot"}
+    fig = go.Figure()
+    for method, trace in traces.items():
+        fig.add_trace(go.Scatter(
+            name=method_name(method), x=list(range(len(trace.lengths))), y=[int(v) for v in trace.lengths],
+            mode="lines", line=dict(color=colours.get(method), width=3 if method == "elastic" else 2,
+                                    dash=dashes.get(method, "solid")),
+        ))
+    fig.update_layout(
+        title=dict(text="KV entries per layer while decoding", font=dict(size=14)), height=height,
+        xaxis_title="decoding step (0 = after prefill)", yaxis_title="entries", yaxis_rangemode="tozero",
+        margin=dict(l=60, r=20, t=50, b=40), legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0),
+        template="plotly_white",
+    )
+    return fig
