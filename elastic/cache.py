@@ -128,7 +128,14 @@ class PolicyLayer(DynamicLayer):
         rest = rest + (rest >= slot[:, None])
         index = rest[:, None, :, None].expand(B, H, S - 1, D)
         self.evicted.append((self.forwards, self.positions.gather(1, slot[:, None])[:, 0]))
-        self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
+        if B == 1 or bool((slot == slot[0]).all()):
+            # The common case (a fixed point, a sink window, batch 1): two slices copy half
+            # the bytes of a gather, which also reads an int64 index as large as the cache.
+            s = int(slot[0])
+            self.keys, self.values = (torch.cat([x[:, :, :s], x[:, :, s + 1:]], dim=2)
+                                      for x in (self.keys, self.values))
+        else:
+            self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
         self.positions = self.positions.gather(1, rest)
         if self.accumulated is not None:
             self.accumulated = self.accumulated.gather(1, rest)

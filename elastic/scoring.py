@@ -24,12 +24,13 @@ _PREFIX = "elastic_"
 
 
 def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | None = None,
-                       chunk: int = 256) -> torch.Tensor:
+                       chunk: int = 128) -> torch.Tensor:
     """Attention each key receives, summed over the queries and averaged over query heads.
 
     Softmax of ``scaling * q k^T`` with a causal mask that aligns the ``q`` queries with the
     last ``q`` keys (a prefill of the whole prompt, or one decode step). Computed ``chunk``
-    queries at a time in float32, so the extra memory is ``B * heads * chunk * S`` floats.
+    queries at a time in float32 against only the keys they can see (about half the work of
+    the full square for a prefill), so the extra memory is ``B * heads * chunk * S`` floats.
 
     Parameters
     ----------
@@ -52,11 +53,12 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | 
     cols = torch.arange(S, device=query.device)
     for start in range(0, q, chunk):
         stop = min(q, start + chunk)
-        logits = torch.einsum("bgnqd,bgsd->bgnqs", query[:, :, :, start:stop], key) * scaling
-        rows = torch.arange(offset + start, offset + stop, device=query.device)
-        future = cols[None, :] > rows[:, None]  # [chunk, S]
+        end = offset + stop  # causal: keys past the chunk's last query get nothing, skip them
+        logits = torch.einsum("bgnqd,bgsd->bgnqs", query[:, :, :, start:stop], key[:, :, :end]) * scaling
+        rows = torch.arange(offset + start, end, device=query.device)
+        future = cols[None, :end] > rows[:, None]  # [chunk, end]
         logits.masked_fill_(future, float("-inf"))
-        received += logits.softmax(dim=-1).sum(dim=(1, 2, 3))
+        received[:, :end] += logits.softmax(dim=-1).sum(dim=(1, 2, 3))
     return received / H
 
 
