@@ -1,0 +1,258 @@
+"""Deterministic synthetic scenes and LLaVA-style instruction data.
+
+A scene is a 3x3 grid with 3-5 coloured shapes on a plain, slightly noisy
+background. Everything (image, description, questions) is a pure function of
+an integer seed, so the whole training set is "stored" as a range of seeds:
+
+* seeds ``< VAL_OFFSET`` are training scenes,
+* seeds ``>= VAL_OFFSET`` are validation scenes (never seen in training).
+
+Run ``python -m elastic.tiny.data --out assets/examples`` to render example
+images and an ``examples.json`` for the app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+VAL_OFFSET = 1_000_000
+IMAGE_SIZE = 108  # the model's input size: 3x3 cells of 36 px, each exactly 3x3 patches of 12 px
+
+# Reading order (row-major): the description lists objects in this order.
+CELLS = ["top left", "top middle", "top right",
+         "middle left", "center", "middle right",
+         "bottom left", "bottom middle", "bottom right"]
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 80, 235),
+           "yellow": (240, 210, 20), "purple": (140, 50, 190), "orange": (250, 130, 20)}
+SHAPES = ["circle", "square", "triangle", "diamond"]
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles",
+          "diamond": "diamonds", "object": "objects"}
+SIZES = ["small", "large"]
+BACKGROUNDS = {"white": (250, 250, 250), "grey": (170, 170, 170), "black": (15, 15, 15)}
+NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+DESCRIBE_PROMPT = "Describe the image in detail."
+DESCRIBE_PROMPTS = [DESCRIBE_PROMPT, "Describe this image.", "What do you see in the picture?",
+                    "Give a detailed description of the scene.", "What is in this image?"]
+
+
+@dataclass(frozen=True)
+class Obj:
+    cell: int  # index into CELLS (row-major)
+    size: str
+    colour: str
+    shape: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def row(self) -> int:
+        return self.cell // 3
+
+    @property
+    def col(self) -> int:
+        return self.cell % 3
+
+
+@dataclass(frozen=True)
+class Scene:
+    seed: int
+    background: str
+    objects: tuple[Obj, ...]  # sorted in reading order
+
+    def at(self, cell: int) -> Obj | None:
+        return next((o for o in self.objects if o.cell == cell), None)
+
+
+def make_scene(seed: int) -> Scene:
+    """Sample a scene from ``seed``: 3-5 objects in distinct cells, each
+    (colour, shape) pair unique so that "the red circle" always names one object."""
+    rng = random.Random(seed)
+    n = rng.randint(3, 5)
+    cells = sorted(rng.sample(range(9), n))
+    pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
+    objs = tuple(Obj(cell, rng.choice(SIZES), c, s) for cell, (c, s) in zip(cells, pairs))
+    return Scene(seed, rng.choice(list(BACKGROUNDS)), objs)
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw ``scene`` as an RGB image of ``size`` x ``size`` pixels.
+
+    Shapes are drawn at 4x resolution and downsampled (anti-aliasing); position,
+    size and colour get small seeded jitter and the background mild noise, so the
+    model cannot memorise exact pixels.
+    """
+    rng = random.Random(scene.seed * 7 + 1)  # independent of make_scene's stream
+    ss = 4 * size
+    img = Image.new("RGB", (ss, ss), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    cell = ss / 3
+    for o in scene.objects:
+        cx = (o.col + 0.5 + rng.uniform(-0.08, 0.08)) * cell
+        cy = (o.row + 0.5 + rng.uniform(-0.08, 0.08)) * cell
+        r = cell * (0.40 if o.size == "large" else 0.22) * rng.uniform(0.92, 1.05)
+        fill = tuple(max(0, min(255, v + rng.randint(-20, 20))) for v in COLOURS[o.colour])
+        if o.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o.shape == "square":
+            h = r * 0.85
+            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx + 0.95 * r, cy + 0.7 * r), (cx - 0.95 * r, cy + 0.7 * r)], fill=fill)
+        else:  # diamond
+            draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=fill)
+    img = img.resize((size, size), Image.LANCZOS)
+    noise = np.random.default_rng(scene.seed).normal(0, 4, (size, size, 1))
+    arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+# ---------------------------------------------------------------- text
+
+def count_phrase(n: int, noun: str) -> str:
+    """"one circle", "two circles", "no circles"."""
+    return f"{NUMBERS[n]} {noun if n == 1 else PLURAL[noun]}"
+
+
+def describe(scene: Scene) -> str:
+    """The long, fixed-order description: intro, one sentence per object in
+    reading order, then a shape summary and the number of empty cells."""
+    n = len(scene.objects)
+    parts = [f"The image shows {NUMBERS[n]} objects on a {scene.background} background, "
+             f"arranged on a three by three grid."]
+    parts += [f"In the {CELLS[o.cell]} there is a {o.size} {o.colour} {o.shape}." for o in scene.objects]
+    counts = [count_phrase(sum(o.shape == s for o in scene.objects), s)
+              for s in SHAPES if any(o.shape == s for o in scene.objects)]
+    listing = counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + " and " + counts[-1]
+    parts.append(f"Altogether there {'is' if listing.startswith('one ') else 'are'} {listing}.")
+    parts.append(f"The other {NUMBERS[9 - n]} cells are empty.")
+    return " ".join(parts)
+
+
+def _there_are(n: int, noun: str) -> str:
+    return f"There {'is' if n == 1 else 'are'} {count_phrase(n, noun)}."
+
+
+QA_KINDS = ["count", "cell", "where", "colour", "exists", "shape_count", "relation", "size"]
+
+
+def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
+    """One (question, answer) pair of the given kind, chosen with ``rng``."""
+    objs = scene.objects
+    if kind == "count":
+        return "How many objects are there?", _there_are(len(objs), "object")
+    if kind == "cell":
+        cell = rng.randrange(9)
+        o = scene.at(cell)
+        ans = f"A {o.size} {o.name}." if o else f"Nothing, the {CELLS[cell]} is empty."
+        return f"What is in the {CELLS[cell]}?", ans
+    if kind == "where":
+        o = rng.choice(objs)
+        return f"Where is the {o.name}?", f"The {o.name} is in the {CELLS[o.cell]}."
+    if kind == "colour":
+        unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        if unique:
+            o = rng.choice(unique)
+            return f"What colour is the {o.shape}?", f"The {o.shape} is {o.colour}."
+        kind = "exists"  # every shape repeats: fall back to a yes/no question
+    if kind == "exists":
+        if rng.random() < 0.5:
+            o = rng.choice(objs)
+            return f"Is there a {o.name}?", "Yes."
+        present = {(o.colour, o.shape) for o in objs}
+        c, s = rng.choice([(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+        return f"Is there a {c} {s}?", "No."
+    if kind == "shape_count":
+        s = rng.choice(SHAPES)
+        return f"How many {PLURAL[s]} are there?", _there_are(sum(o.shape == s for o in objs), s)
+    if kind == "relation":
+        a, b = rng.sample(objs, 2)
+        if a.col != b.col and (a.row == b.row or rng.random() < 0.5):
+            word, truth = rng.choice([("left of", a.col < b.col), ("right of", a.col > b.col)])
+        else:  # distinct cells, so rows differ here
+            word, truth = rng.choice([("above", a.row < b.row), ("below", a.row > b.row)])
+        return f"Is the {a.name} {word} the {b.name}?", "Yes." if truth else "No."
+    if kind == "size":
+        o = rng.choice(objs)
+        return f"Is the {o.name} large or small?", f"The {o.name} is {o.size}."
+    raise ValueError(kind)
+
+
+def conversation(scene: Scene, rng: random.Random, description_rate: float = 0.8) -> list[tuple[str, str]]:
+    """A training chat: 1-3 questions, plus the description with probability ``description_rate``.
+
+    Multi-turn chats cost little more than single-turn ones (the 107-token
+    prompt dominates) and their first turn *is* a single-turn example, so every
+    chat trains single-turn behaviour and later turns train multi-turn use.
+    """
+    turns = [ask(scene, rng.choice(QA_KINDS), rng) for _ in range(rng.randint(1, 3))]
+    if rng.random() < description_rate:
+        at = 0 if rng.random() < 0.5 else rng.randint(1, len(turns))
+        turns.insert(at, (rng.choice(DESCRIBE_PROMPTS), describe(scene)))
+    return turns
+
+
+def eval_questions(scene: Scene, k: int = 3) -> list[tuple[str, str, str]]:
+    """``k`` deterministic (kind, question, answer) triples for validation,
+    rotating through the question kinds with the scene seed."""
+    rng = random.Random(scene.seed * 13 + 5)
+    kinds = [QA_KINDS[(scene.seed + i) % len(QA_KINDS)] for i in range(k)]
+    return [(kind, *ask(scene, kind, rng)) for kind in kinds]
+
+
+def chat_messages(turns: list[tuple[str, str]], add_answer_last: bool = True) -> list[dict]:
+    """Transformers-style chat messages; the image goes into the first user turn."""
+    msgs = []
+    for i, (q, a) in enumerate(turns):
+        content = ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": q}]
+        msgs.append({"role": "user", "content": content})
+        if add_answer_last or i < len(turns) - 1:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return msgs
+
+
+def corpus(n_scenes: int = 3000, seed: int = 0) -> list[str]:
+    """Plain texts (no special tokens) used to train the tokenizer."""
+    texts = [SYSTEM_PROMPT, "USER:", "ASSISTANT:", *DESCRIBE_PROMPTS]
+    rng = random.Random(seed)
+    for _ in range(n_scenes):
+        scene = make_scene(rng.randrange(VAL_OFFSET))
+        texts.append(describe(scene))
+        for kind in QA_KINDS:
+            texts.extend(ask(scene, kind, rng))
+    return texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Render example scenes for the app.")
+    ap.add_argument("--out", default="assets/examples")
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--size", type=int, default=3 * IMAGE_SIZE,
+                    help=f"pixels; the processor resizes to {IMAGE_SIZE}")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for i in range(args.n):
+        scene = make_scene(VAL_OFFSET + 500_000 + i)
+        name = f"scene_{i}.png"
+        render(scene, args.size).save(out / name)
+        prompt = DESCRIBE_PROMPT if i % 2 == 0 else ask(scene, QA_KINDS[i % len(QA_KINDS)], random.Random(i))[0]
+        examples.append({"image": name, "prompt": prompt, "seed": scene.seed, "reference": describe(scene)})
+    (out / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
+    print(f"wrote {len(examples)} examples to {out}")
+
+
+if __name__ == "__main__":
+    main()
