@@ -1,0 +1,349 @@
+"""Quality of each KV-cache method against the full cache: PPL and ROUGE-L vs budget.
+
+    python -m elastic.evaluate                                   # shipped model, synthetic scenes
+    python -m elastic.evaluate --methods elastic,h2o --budgets 0.2 0.5 --samples 20 --out runs/eval
+    python -m elastic.evaluate --model llava-hf/llava-1.5-7b-hf --data mm-vet.json --image-dir images/
+
+The paper's protocol (SPEC 1d):
+
+* PPL: perplexity of the reference answer, teacher-forced one token at a time through the
+  compressed cache: the prompt is compressed at the prefill, then every answer token is a
+  single-token forward, so the decode rule applies to the answer too. Tokens are pooled
+  over the data set: ``exp(sum of NLL / number of answer tokens)``.
+* ROUGE-L: F1 of each method's greedy generation against the full-cache greedy generation.
+
+Each (method, budget) result is saved under ``OUT/parts/`` as soon as it is done, so an
+interrupted run resumes where it stopped. ``OUT`` also gets ``results.json``,
+``results.csv`` and ``figure.html`` (PNG too when plotly can export it: ``kaleido``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import datasets
+from .cache import make_cache
+from .methods import METHODS
+from .metrics import perplexity, rouge_l
+
+DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FIELDS = ("method", "budget", "ppl", "rouge_l", "samples", "tokens", "ppl_mean", "kv_kept", "seconds")
+
+
+# ---------------------------------------------------------------- inputs
+
+def _tokenize(model, processor, text: str, image) -> dict:
+    """Tokenise a rendered chat exactly as :func:`elastic.generation.build_inputs` does."""
+    if hasattr(processor, "image_processor"):
+        inputs = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+    else:
+        inputs = processor([text], return_tensors="pt", add_special_tokens=False)
+    return {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _eos_ids(model, processor) -> set[int]:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def prepare(model, processor, sample: datasets.Sample) -> tuple[dict, torch.Tensor]:
+    """Prompt inputs and the reference answer's token ids ``[n]``.
+
+    The answer tokens are what the chat template puts after the generation prompt for this
+    answer (so the first one carries the same leading space as in training), up to and
+    including the first end-of-sequence token.
+    """
+    from .generation import build_inputs
+
+    image = sample.load_image()
+    prompt, _ = build_inputs(model, processor, sample.messages, image)
+    text = processor.apply_chat_template(sample.with_answer(), tokenize=False, add_generation_prompt=False)
+    full = _tokenize(model, processor, text, image)["input_ids"][0]
+    ids = prompt["input_ids"][0]
+    T = len(ids)
+    if len(full) > T and torch.equal(full[:T], ids):
+        answer = full[T:]
+    else:  # a template whose generation prompt is not a prefix of the answered chat
+        tokenizer = getattr(processor, "tokenizer", processor)
+        answer = torch.tensor(tokenizer(sample.answer, add_special_tokens=False).input_ids, device=ids.device)
+        warnings.warn(f"sample {sample.id}: the chat template's generation prompt is not a prefix of the "
+                      "answered chat; scoring the answer tokenised on its own", stacklevel=2)
+    eos = _eos_ids(model, processor)
+    stops = [i for i, t in enumerate(answer.tolist()) if t in eos]
+    if stops:
+        answer = answer[: stops[0] + 1]
+    if len(answer) == 0:
+        raise ValueError(f"sample {sample.id}: the reference answer has no tokens")
+    return prompt, answer
+
+
+# ---------------------------------------------------------------- PPL
+
+def decode_position_ids(model, position: int, batch: int = 1) -> torch.Tensor:
+    """Position ids of one decoded token at true sequence position ``position``.
+
+    A compressed cache is shorter than the sequence, so the model's default (cache length)
+    would be wrong. Qwen2-VL style mRoPE models use 3-D positions: a text token after the
+    image sits at ``position + rope_deltas`` on all three axes, where ``rope_deltas`` (set at
+    the prefill by the model) is how much the image's grid positions shortened the prompt.
+    """
+    device = model.device
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "get_rope_index"):  # mRoPE (Qwen2-VL, Qwen2.5-VL)
+        delta = getattr(inner, "rope_deltas", None)
+        delta = torch.zeros(batch, 1, dtype=torch.long) if delta is None else delta.to("cpu").long()
+        pos = torch.tensor([[position]]) + delta.expand(batch, 1)
+        return pos.to(device).unsqueeze(0).expand(3, batch, 1)
+    return torch.full((batch, 1), position, dtype=torch.long, device=device)
+
+
+@torch.inference_mode()
+def teacher_forced_nll(model, inputs: dict, answer: torch.Tensor, cache) -> tuple[float, int]:
+    """Summed NLL of ``answer`` ``[n]`` after the prompt, fed one token at a time through ``cache``.
+
+    The prompt goes in one forward (the cache compresses it); answer token ``i`` is then
+    fed at its true position ``T + i``, and the cache applies its decode rule after each.
+    Returns ``(nll_sum, n)``.
+    """
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "rope_deltas"):
+        inner.rope_deltas = None  # stale deltas from a previous prompt would shift positions
+    T = inputs["input_ids"].shape[1]
+    out = model(**inputs, cache=cache, logits_to_keep=1)
+    logps = [out.logits[0, -1].float().log_softmax(-1)]
+    for i in range(len(answer) - 1):
+        out = model(input_ids=answer[i].view(1, 1), position_ids=decode_position_ids(model, T + i), cache=cache)
+        logps.append(out.logits[0, -1].float().log_softmax(-1))
+    nll = -torch.stack(logps).gather(1, answer.view(-1, 1)).sum()
+    return float(nll), len(answer)
+
+
+# ---------------------------------------------------------------- one (method, budget)
+
+
+def evaluate_pair(model, processor, samples, method: str, budget: float, references: list[str] | None,
+                  params: dict, max_new_tokens: int, progress=None) -> dict:
+    """PPL and ROUGE-L of one method at one budget over ``samples``.
+
+    ``references`` are the full cache's generations (None when evaluating the full cache
+    itself: its generations are the references, ROUGE-L 1.0 by definition of the metric).
+    Returns ``{"record": ..., "samples": [...]}``.
+    """
+    from .generation import generate
+
+    rows, start = [], time.perf_counter()
+    for k, sample in enumerate(samples):
+        inputs, answer = prepare(model, processor, sample)  # per pair: cheap, and no inputs held
+        cache = make_cache(method, budget=budget, **params)
+        nll, n = teacher_forced_nll(model, inputs, answer, cache)
+        kept = cache.lengths[-1] / (inputs["input_ids"].shape[1] + n - 1)
+        text = generate(model, processor, sample.load_image(), sample.messages, method=method, budget=budget,
+                        max_new_tokens=max_new_tokens, **params).text
+        reference = text if references is None else references[k]
+        rows.append({"id": sample.id, "nll": nll, "tokens": n, "ppl": math.exp(nll / n), "kv_kept": kept,
+                     "text": text, "rouge_l": rouge_l(text, reference)})
+        if progress is not None:
+            progress.update(1)
+    total_nll, total_tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
+    record = {
+        "method": method,
+        "budget": budget,
+        "ppl": perplexity(total_nll, total_tokens),
+        "rouge_l": sum(r["rouge_l"] for r in rows) / len(rows),
+        "samples": len(rows),
+        "tokens": total_tokens,
+        "ppl_mean": sum(r["ppl"] for r in rows) / len(rows),
+        "kv_kept": sum(r["kv_kept"] for r in rows) / len(rows),
+        "seconds": time.perf_counter() - start,
+    }
+    return {"record": record, "samples": rows}
+
+
+# ---------------------------------------------------------------- the whole grid
+
+def _fingerprint(model_name: str, data: str, samples, params: dict, max_new_tokens: int) -> dict:
+    ids = hashlib.sha1("\n".join(s.id for s in samples).encode()).hexdigest()[:12]
+    return {"model": model_name, "data": data, "samples": len(samples), "sample_ids": ids,
+            "max_new_tokens": max_new_tokens, **params}
+
+
+def _part_path(out: Path, method: str, budget: float) -> Path:
+    return out / "parts" / f"{method}-{budget:.3f}.json"
+
+
+def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out=None, model_name="model",
+        data="synthetic", max_new_tokens: int = 160, start_size: int = 1, distance: int = -25,
+        resume: bool = True, progress: bool = True) -> list[dict]:
+    """Evaluate every (method, budget) pair; the full cache once, at budget 1.0.
+
+    The full cache is always evaluated (its generations are the ROUGE-L references) and
+    comes first in the returned records. With ``out`` each pair is saved as it finishes
+    and, with ``resume``, pairs already saved under the same settings are not recomputed.
+    """
+    params = {"start_size": start_size, "distance": distance}
+    fingerprint = _fingerprint(model_name, data, samples, params, max_new_tokens)
+    pairs = [("full", 1.0)] + [(m, float(b)) for m in methods if m != "full" for b in budgets]
+    unknown = sorted({m for m, _ in pairs} - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    out = Path(out) if out is not None else None
+    done = {}
+    if out is not None and resume:
+        for method, budget in pairs:
+            path = _part_path(out, method, budget)
+            if path.is_file():
+                part = json.loads(path.read_text())
+                if part.get("config") == fingerprint:
+                    done[(method, budget)] = part
+    todo = [p for p in pairs if p not in done]
+    bar = tqdm(total=len(todo) * len(samples), desc="evaluate", unit="sample", disable=not progress)
+    references = [r["text"] for r in done[("full", 1.0)]["samples"]] if ("full", 1.0) in done else None
+    for method, budget in todo:
+        bar.set_postfix_str(f"{method} {budget:g}")
+        part = evaluate_pair(model, processor, samples, method, budget, references, params, max_new_tokens, bar)
+        part["config"] = fingerprint
+        if method == "full":
+            references = [r["text"] for r in part["samples"]]
+        done[(method, budget)] = part
+        if out is not None:
+            path = _part_path(out, method, budget)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(part, indent=1) + "\n")
+    bar.close()
+    records = [done[p]["record"] for p in pairs]
+    if out is not None:
+        write_outputs(records, out)
+    return records
+
+
+# ---------------------------------------------------------------- outputs
+
+def figure(records: list[dict]):
+    """The layout of the paper's Fig. 2: PPL and ROUGE-L vs KV budget, one line per method.
+
+    The full cache does not depend on the budget: it is a dashed horizontal line.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("PPL (lower is better)", "ROUGE-L (higher is better)"))
+    colours = {"elastic": "#d62728", "h2o": "#1f77b4", "local": "#2ca02c", "full": "#444444"}
+    budgets = sorted({r["budget"] for r in records if r["method"] != "full"}) or [1.0]
+    for method in dict.fromkeys(r["method"] for r in records):
+        rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["budget"])
+        for col, key in ((1, "ppl"), (2, "rouge_l")):
+            if method == "full":
+                x, y = [budgets[0], budgets[-1]], [rows[0][key]] * 2
+                style = dict(mode="lines", line=dict(dash="dash", color=colours["full"]))
+            else:
+                x, y = [r["budget"] for r in rows], [r[key] for r in rows]
+                style = dict(mode="lines+markers", line=dict(color=colours.get(method)))
+            fig.add_trace(go.Scatter(x=x, y=y, name=method, legendgroup=method, showlegend=col == 1, **style),
+                          row=1, col=col)
+    fig.update_xaxes(title_text="KV budget (fraction kept)")
+    fig.update_yaxes(title_text="PPL", row=1, col=1)
+    fig.update_yaxes(title_text="ROUGE-L F1", row=1, col=2)
+    fig.update_layout(template="plotly_white", width=1000, height=420)
+    return fig
+
+
+def write_outputs(records: list[dict], out) -> dict[str, Path]:
+    """Write ``results.json``, ``results.csv``, ``figure.html`` (and ``figure.png`` if possible)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "html": out / "figure.html"}
+    paths["json"].write_text(json.dumps(records, indent=1) + "\n")
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    fig = figure(records)
+    fig.write_html(paths["html"], include_plotlyjs="cdn")
+    try:
+        fig.write_image(out / "figure.png", scale=2)
+        paths["png"] = out / "figure.png"
+    except Exception as error:  # kaleido (and the Chrome it drives) are optional
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        print(f"figure.png skipped: plotly image export needs kaleido and Chrome ({detail})")
+    return paths
+
+
+def markdown_table(records: list[dict]) -> str:
+    """Records as a markdown table: rows are budgets, columns PPL and ROUGE-L per method."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in records) if m != "full"]
+    full = next((r for r in records if r["method"] == "full"), None)
+    by = {(r["method"], r["budget"]): r for r in records}
+    budgets = sorted({r["budget"] for r in records if r["method"] != "full"})
+    head = "| budget | " + " | ".join(f"{m} PPL | {m} ROUGE-L" for m in methods) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(methods))]
+    for b in budgets:
+        cells = []
+        for m in methods:
+            r = by.get((m, b))
+            cells += [f"{r['ppl']:.3f}", f"{r['rouge_l']:.3f}"] if r else ["", ""]
+        lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
+    if full:
+        lines.append(f"\nFull cache: PPL {full['ppl']:.3f}, ROUGE-L {full['rouge_l']:.3f} "
+                     f"({full['samples']} samples, {full['tokens']} answer tokens).")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+def _floats(values: list[str]) -> list[float]:
+    return [float(v) for item in values for v in item.split(",") if v.strip()]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m elastic.evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="local path or hub id (default: the shipped tiny LLaVA)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
+    ap.add_argument("--budgets", nargs="+", default=[",".join(map(str, DEFAULT_BUDGETS))],
+                    help="KV budgets in (0, 1], space- or comma-separated (default 0.1 ... 0.9)")
+    ap.add_argument("--samples", type=int, default=None, help="first N samples (synthetic default: 50)")
+    ap.add_argument("--data", default="synthetic",
+                    help="synthetic (descriptions), synthetic-qa, or a JSON file (MM-Vet or LLaVA format)")
+    ap.add_argument("--image-dir", default=None, help="folder of the JSON file's images (default: beside it)")
+    ap.add_argument("--out", default="runs/eval", help="output folder (parts are resumed from it)")
+    ap.add_argument("--max-new-tokens", type=int, default=160, help="greedy generation length for ROUGE-L")
+    ap.add_argument("--start-size", type=int, default=1)
+    ap.add_argument("--distance", type=int, default=-25)
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if available)")
+    ap.add_argument("--fresh", action="store_true", help="ignore saved parts and recompute everything")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    from .models import SHIPPED_MODEL, load_model
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = _floats(args.budgets)
+    samples = datasets.load(args.data, args.image_dir, args.samples)
+    model, processor = load_model(args.model, device=args.device)
+    name = args.model or str(SHIPPED_MODEL.name)
+    records = run(model, processor, samples, methods, budgets, out=args.out, model_name=name, data=args.data,
+                  max_new_tokens=args.max_new_tokens, start_size=args.start_size, distance=args.distance,
+                  resume=not args.fresh)
+    print(markdown_table(records))
+    print(f"wrote {args.out}/results.json, results.csv, figure.html")
+    return records
+
+
+if __name__ == "__main__":
+    main()
