@@ -14,7 +14,8 @@ The paper's protocol (SPEC 1d):
 
 Each (method, budget) result is saved under ``OUT/parts/`` as soon as it is done, so an
 interrupted run resumes where it stopped. ``OUT`` also gets ``results.json``,
-``results.csv`` and ``figure.html`` (PNG too when plotly can export it: ``kaleido``).
+``results.csv`` and ``figure.html`` (plotly.js embedded, opens offline; PNG too when
+plotly can export it: ``kaleido``).
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def write_outputs(records: list[dict], out) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows(records)
     fig = figure(records)
-    fig.write_html(paths["html"], include_plotlyjs="cdn")
+    fig.write_html(paths["html"], include_plotlyjs=True)  # embedded: opens offline
     try:
         fig.write_image(out / "figure.png", scale=2)
         paths["png"] = out / "figure.png"
