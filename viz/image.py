@@ -147,8 +147,9 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
     n_kept = len(kept)
     n_merged = sum(s == MERGED for s in image_status)
     fig.update_layout(
-        title=dict(text=f"Image tokens, layer {layer}, step {step}: {n_kept} kept, {n_merged} merged, "
-                        f"{rows * cols - n_kept - n_merged} evicted", font=dict(size=14)),
+        title=dict(text=f"Image tokens, layer {layer}, step {step}: prefill kept {n_kept}, merged {n_merged}, "
+                        f"evicted {rows * cols - n_kept - n_merged}; removed while decoding "
+                        f"{int(state.dropped[start:end].sum())}", font=dict(size=14)),
         height=height, margin=dict(l=20, r=20, t=50, b=40),
         xaxis=dict(range=[-0.5, cols - 0.5], showgrid=False, zeroline=False, showticklabels=False, constrain="domain"),
         yaxis=dict(range=[rows - 0.5, -0.5], showgrid=False, zeroline=False, showticklabels=False,
