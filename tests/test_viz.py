@@ -272,6 +272,17 @@ def test_explain_html_uses_the_trace_numbers(traces):
     assert "Send a message" in viz.explain_html(None)
 
 
+def test_explain_html_counts_merged_instruction_tokens(traces):
+    t = traces["elastic"]
+    start, end = t.spans["instruction"]
+    for layer in range(len(t.layers)):
+        group = t.layers[layer].group
+        # Independent count: instruction positions whose entry is another position's.
+        merged = sum(1 for p in range(start, end) if group[p] >= 0 and group[p] != p)
+        assert f"Here {merged} of the {end - start} instruction tokens were merged in layer {layer}." in \
+            viz.explain_html(t, layer=layer)
+
+
 def test_figures_serialise_to_json(traces, image):
     # gradio ships figures as JSON: NaN-free, plain JSON.
     for t in traces.values():

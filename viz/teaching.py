@@ -87,6 +87,15 @@ def explain_html(trace, layer: int = 0) -> str:
         "<p><b>3. Merging keeps context.</b> Every other token joins its nearest anchor by position, "
         "and the anchor's key and value become the plain average of its group. Nothing is simply "
         f"thrown away: {len(lt.merged)} merged tokens still speak through their anchors." + group_text + "</p>")
+    span = (trace.spans or {}).get("instruction")
+    if span is not None and span[1] > span[0]:
+        merged_instruction = int(np.isin(lt.merged, np.arange(*span)).sum())
+        p.append(
+            f"<p><b>Watch the instruction.</b> A token's score sums the attention of every query "
+            "<i>after</i> it, so the last tokens of the prompt, usually your question, are seen by few "
+            f"queries and score lowest. Here {merged_instruction} of the {span[1] - span[0]} instruction "
+            f"tokens were merged in layer {layer}. A large model copes; a tiny one may answer a different "
+            "question (compare with the full cache).</p>")
     steps = trace.decode_steps
     p.append(
         "<p><b>4. Fixed-point elimination (decoding).</b> While the answer grows, the cache may hold "

@@ -192,7 +192,7 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
 def conversation(scene: Scene, rng: random.Random, description_rate: float = 0.8) -> list[tuple[str, str]]:
     """A training chat: 1-3 questions, plus the description with probability ``description_rate``.
 
-    Multi-turn chats cost little more than single-turn ones (the 107-token
+    Multi-turn chats cost little more than single-turn ones (the 124-token
     prompt dominates) and their first turn *is* a single-turn example, so every
     chat trains single-turn behaviour and later turns train multi-turn use.
     """
