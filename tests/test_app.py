@@ -183,6 +183,16 @@ def test_compare_bad_input_has_a_clear_message(server, images, image, question, 
         client.predict(handle_file(str(images[image])), question, 0.3, 4, api_name="/compare")
 
 
+@pytest.mark.parametrize("budget, expected", [(0, "less than minimum value 0.05"),
+                                              (2, "greater than maximum value 1.0")])
+def test_compare_rejects_a_budget_outside_the_range(server, images, budget, expected):
+    client = Client(server.url, verbose=False)
+    with pytest.raises(AppError, match=expected):
+        client.predict(handle_file(str(images["red"])), "what ?", budget, 4, api_name="/compare")
+    # ... and keeps serving.
+    assert client.predict(handle_file(str(images["red"])), "what ?", 0.5, 4, api_name="/compare")
+
+
 # -- bad input ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def conversation(server, images):
