@@ -105,3 +105,21 @@ def test_the_check_fails_with_random_weights(shipped):
     config = LlavaForConditionalGeneration.from_pretrained(SHIPPED_MODEL_DIR).config
     got = _check_scenes(LlavaForConditionalGeneration(config).eval(), processor)
     assert got["layout"] == 0 and got["count_qa"] == 0 and got["all"] == 0, got
+
+
+def test_training_command_writes_a_model_like_the_shipped_one(tmp_path):
+    # A few steps of both stages: the recipe runs end to end and saves a stock LLaVA
+    # with the shipped architecture and tokenizer, loadable with from_pretrained.
+    from elastic.tiny import train
+
+    train.main(["--out", str(tmp_path), "--vision-steps", "2", "--vision-batch-size", "4", "--steps", "2",
+                "--batch-size", "2", "--eval-n", "0", "--log-every", "1", "--threads", "1"])
+    shipped = LlavaForConditionalGeneration.from_pretrained(SHIPPED_MODEL_DIR).config.to_dict()
+    trained = LlavaForConditionalGeneration.from_pretrained(tmp_path).config.to_dict()
+    for key in ("vision_config", "text_config", "image_seq_length", "image_token_index"):
+        assert trained[key] == shipped[key], key
+    log = (tmp_path / "train_log.txt").read_text().splitlines()
+    assert sum(line.startswith("vision step=") for line in log) == 2
+    assert sum(line.startswith("step=") for line in log) == 2
+    assert LlavaProcessor.from_pretrained(tmp_path).tokenizer.get_vocab() == \
+        LlavaProcessor.from_pretrained(SHIPPED_MODEL_DIR).tokenizer.get_vocab()

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vision-lr-scale", type=float, default=0.3,
                     help="stage 2 learning rate of the pretrained vision tower, relative to --lr")
     ap.add_argument("--vision-layers", type=int, default=4)
-    ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch auxiliary loss")
+    ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the patch probe loss (object and cell of every image token) in stage 2")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
