@@ -165,14 +165,24 @@ def _strip_mark(text: str) -> str:
     return text.replace(IMAGE_MARK, "").strip()
 
 
+def _located(path, image_dir) -> tuple[Path, list[tuple[str, dict, str]]]:
+    """The image folder and ``(id, record, where)`` for every record of a JSON file, read once;
+    ``where`` names the record in error messages."""
+    path = Path(path)
+    records = [(ident, record, f"{path.name}, record {i} (id {ident!r})")
+               for i, (ident, record) in enumerate(_records(path))]
+    return (Path(image_dir) if image_dir else path.parent), records
+
+
 def load_mmvet(path, image_dir=None) -> list[Sample]:
     """MM-Vet style records ``{"image", "question", "answer"}`` (list or id-keyed dict)."""
-    path = Path(path)
-    image_dir = Path(image_dir) if image_dir else path.parent
+    return _mmvet_samples(*_located(path, image_dir))
+
+
+def _mmvet_samples(image_dir: Path, records) -> list[Sample]:
     hint = "MM-Vet records need 'image', 'question' and 'answer'"
     samples = []
-    for i, (ident, record) in enumerate(_records(path)):
-        where = f"{path.name}, record {i} (id {ident!r})"
+    for ident, record, where in records:
         question = _strip_mark(_text(record, "question", where, hint))
         answer = _text(record, "answer", where, hint)
         image = _image_path(record, where, image_dir, hint, keys=("image", "imagename"))
@@ -182,12 +192,13 @@ def load_mmvet(path, image_dir=None) -> list[Sample]:
 
 def load_llava(path, image_dir=None) -> list[Sample]:
     """LLaVA conversation records; one sample per record, its last ``gpt`` turn the reference."""
-    path = Path(path)
-    image_dir = Path(image_dir) if image_dir else path.parent
+    return _llava_samples(*_located(path, image_dir))
+
+
+def _llava_samples(image_dir: Path, records) -> list[Sample]:
     hint = "LLaVA records need 'image' and 'conversations' of alternating human/gpt turns"
     samples = []
-    for i, (ident, record) in enumerate(_records(path)):
-        where = f"{path.name}, record {i} (id {ident!r})"
+    for ident, record, where in records:
         turns = record.get("conversations")
         if not isinstance(turns, list) or len(turns) < 2:
             raise DatasetError(f"{where}: 'conversations' must be a list of at least 2 turns ({hint})")
@@ -214,11 +225,10 @@ def load(data: str = "synthetic", image_dir=None, samples: int | None = None) ->
     """
     if data in SYNTHETIC:
         return synthetic(50 if samples is None else samples, data)
-    path = Path(data)
-    records = _records(path)
+    image_dir, records = _located(data, image_dir)
     try:
         fmt = detect_format(records[0][1])
     except DatasetError as error:
-        raise DatasetError(f"{path.name}, record 0: {error}") from None
-    loaded = (load_llava if fmt == "llava" else load_mmvet)(path, image_dir)
+        raise DatasetError(f"{Path(data).name}, record 0: {error}") from None
+    loaded = (_llava_samples if fmt == "llava" else _mmvet_samples)(image_dir, records)
     return loaded if samples is None else loaded[:samples]
