@@ -43,15 +43,6 @@ FIELDS = ("method", "budget", "ppl", "rouge_l", "samples", "tokens", "ppl_mean",
 
 # ---------------------------------------------------------------- inputs
 
-def _tokenize(model, processor, text: str, image) -> dict:
-    """Tokenise a rendered chat exactly as :func:`elastic.generation.build_inputs` does."""
-    if hasattr(processor, "image_processor"):
-        inputs = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
-    else:
-        inputs = processor([text], return_tensors="pt", add_special_tokens=False)
-    return {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
 def _eos_ids(model, processor) -> set[int]:
     tokenizer = getattr(processor, "tokenizer", processor)
     eos = getattr(model.generation_config, "eos_token_id", None)
@@ -68,12 +59,12 @@ def prepare(model, processor, sample: datasets.Sample) -> tuple[dict, torch.Tens
     answer (so the first one carries the same leading space as in training), up to and
     including the first end-of-sequence token.
     """
-    from .generation import build_inputs
+    from .generation import build_inputs, tokenize_chat_text
 
     image = sample.load_image()
     prompt, _ = build_inputs(model, processor, sample.messages, image)
     text = processor.apply_chat_template(sample.with_answer(), tokenize=False, add_generation_prompt=False)
-    full = _tokenize(model, processor, text, image)["input_ids"][0]
+    full = tokenize_chat_text(model, processor, text, image)["input_ids"][0]
     ids = prompt["input_ids"][0]
     T = len(ids)
     if len(full) > T and torch.equal(full[:T], ids):

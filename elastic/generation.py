@@ -74,12 +74,17 @@ def build_inputs(model, processor, messages: list[dict], image=None) -> tuple[di
     if image is None and has_image_block:
         raise ValueError("a message has an image block but no image was given")
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = tokenize_chat_text(model, processor, text, image)
+    return inputs, prompt_annotations(model, inputs)
+
+
+def tokenize_chat_text(model, processor, text: str, image=None) -> dict:
+    """Model inputs (on the model's device) for an already rendered chat ``text``."""
     if hasattr(processor, "image_processor"):
         inputs = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
     else:  # a text-only model: the processor is its tokenizer
         inputs = processor([text], return_tensors="pt", add_special_tokens=False)
-    inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    return inputs, prompt_annotations(model, inputs)
+    return {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def prompt_annotations(model, inputs: dict) -> dict:
