@@ -126,7 +126,6 @@ class PolicyLayer(DynamicLayer):
         B, H, S, D = self.keys.shape
         rest = torch.arange(S - 1, device=slot.device).expand(B, -1)
         rest = rest + (rest >= slot[:, None])
-        index = rest[:, None, :, None].expand(B, H, S - 1, D)
         self.evicted.append((self.forwards, self.positions.gather(1, slot[:, None])[:, 0]))
         if B == 1 or bool((slot == slot[0]).all()):
             # The common case (a fixed point, a sink window, batch 1): two slices copy half
@@ -135,6 +134,7 @@ class PolicyLayer(DynamicLayer):
             self.keys, self.values = (torch.cat([x[:, :, :s], x[:, :, s + 1:]], dim=2)
                                       for x in (self.keys, self.values))
         else:
+            index = rest[:, None, :, None].expand(B, H, S - 1, D)
             self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
         self.positions = self.positions.gather(1, rest)
         if self.accumulated is not None:
