@@ -167,10 +167,21 @@ def evaluate_pair(model, processor, samples, method: str, budget: float, referen
 
 # ---------------------------------------------------------------- the whole grid
 
-def _fingerprint(model_name: str, data: str, samples, params: dict, max_new_tokens: int) -> dict:
+def weights_digest(model, per_tensor: int = 4096) -> str:
+    """A short digest of the model's weights: name, shape and the first
+    ``per_tensor`` values of every parameter. Cheap even for a 7B model, and any
+    retraining changes it, so saved results of other weights are never reused."""
+    h = hashlib.sha1()
+    for name, p in model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(p.detach().flatten()[:per_tensor].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _fingerprint(model, model_name: str, data: str, samples, params: dict, max_new_tokens: int) -> dict:
     ids = hashlib.sha1("\n".join(s.id for s in samples).encode()).hexdigest()[:12]
-    return {"model": model_name, "data": data, "samples": len(samples), "sample_ids": ids,
-            "max_new_tokens": max_new_tokens, **params}
+    return {"model": model_name, "weights": weights_digest(model), "data": data, "samples": len(samples),
+            "sample_ids": ids, "max_new_tokens": max_new_tokens, **params}
 
 
 def _part_path(out: Path, method: str, budget: float) -> Path:
@@ -187,7 +198,7 @@ def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out
     and, with ``resume``, pairs already saved under the same settings are not recomputed.
     """
     params = {"start_size": start_size, "distance": distance}
-    fingerprint = _fingerprint(model_name, data, samples, params, max_new_tokens)
+    fingerprint = _fingerprint(model, model_name, data, samples, params, max_new_tokens)
     pairs = [("full", 1.0)] + [(m, float(b)) for m in methods if m != "full" for b in budgets]
     unknown = sorted({m for m, _ in pairs} - set(METHODS))
     if unknown:

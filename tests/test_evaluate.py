@@ -156,6 +156,16 @@ def test_run_grid_outputs_and_resume(llava, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="recomputed"):
         evaluate.run(model, processor, samples, methods=("elastic",), budgets=(0.5,), out=tmp_path,
                      max_new_tokens=7, progress=False)
+    # ...and so do other weights under the same model name (a retrained model).
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    try:
+        with pytest.raises(AssertionError, match="recomputed"):
+            evaluate.run(model, processor, samples, methods=("elastic",), budgets=(0.5, 1.0), out=tmp_path,
+                         max_new_tokens=6, progress=False)
+    finally:
+        with torch.no_grad():
+            next(model.parameters()).sub_(1e-3)
 
 
 def test_figure_layout():
