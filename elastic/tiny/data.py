@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,14 +190,40 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(kind)
 
 
-def conversation(scene: Scene, rng: random.Random, description_rate: float = 0.8) -> list[tuple[str, str]]:
-    """A training chat: 1-3 questions, plus the description with probability ``description_rate``.
+_OBJ = r"(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")"
+_EVIDENCE = [  # question pattern -> the cells its answer depends on
+    (re.compile(r"What is in the (" + "|".join(CELLS) + r")\?"), lambda s, m: [CELLS.index(m[1])]),
+    (re.compile(r"What colour is the (\w+)\?"), lambda s, m: [o.cell for o in s.objects if o.shape == m[1]]),
+    (re.compile(r"How many (\w+) are there\?"),
+     lambda s, m: [o.cell for o in s.objects if PLURAL[o.shape] == m[1] or m[1] == "objects"]),
+    (re.compile(r"Is the " + _OBJ + r" (?:left of|right of|above|below) the " + _OBJ + r"\?"),
+     lambda s, m: [o.cell for o in s.objects if (o.colour, o.shape) in {(m[1], m[2]), (m[3], m[4])}]),
+    (re.compile(r"(?:Where is|Is there a|Is) the " + _OBJ + r"|Is there an? " + _OBJ),
+     lambda s, m: [o.cell for o in s.objects if (o.colour, o.shape) in {(m[1], m[2]), (m[3], m[4])}]),
+]
+
+
+def evidence_cells(scene: Scene, question: str) -> list[int]:
+    """The grid cells whose content decides the answer to ``question`` (empty
+    for the description and for an absent object). Training uses it to tell one
+    attention head where to look; see ``elastic.tiny.train.LookGuide``."""
+    for pattern, cells in _EVIDENCE:
+        m = pattern.fullmatch(question) or pattern.match(question)
+        if m:
+            return sorted(cells(scene, m))
+    return []
+
+
+def conversation(scene: Scene, rng: random.Random, description_rate: float = 0.8,
+                 max_questions: int = 3) -> list[tuple[str, str]]:
+    """A training chat: 1 to ``max_questions`` questions, plus the description
+    with probability ``description_rate``.
 
     Multi-turn chats cost little more than single-turn ones (the 124-token
     prompt dominates) and their first turn *is* a single-turn example, so every
     chat trains single-turn behaviour and later turns train multi-turn use.
     """
-    turns = [ask(scene, rng.choice(QA_KINDS), rng) for _ in range(rng.randint(1, 3))]
+    turns = [ask(scene, rng.choice(QA_KINDS), rng) for _ in range(rng.randint(1, max_questions))]
     if rng.random() < description_rate:
         at = 0 if rng.random() < 0.5 else rng.randint(1, len(turns))
         turns.insert(at, (rng.choice(DESCRIBE_PROMPTS), describe(scene)))
