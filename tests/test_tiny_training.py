@@ -74,3 +74,19 @@ def test_look_guide_loss_equals_minus_log_attention_mass_of_the_model():
     mass = (attn * look[:, None]).sum(-1).transpose(1, 2)[rows]
     expected = -(mass + 1e-6).log().mean()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_look_report_shows_the_shipped_heads_find_objects_and_random_ones_do_not():
+    from elastic.tiny.data import VAL_OFFSET
+    from elastic.tiny.train import look_report
+
+    processor = LlavaProcessor.from_pretrained(SHIPPED_MODEL_DIR)
+    shipped = LlavaForConditionalGeneration.from_pretrained(SHIPPED_MODEL_DIR).eval()
+    torch.manual_seed(0)
+    untrained = LlavaForConditionalGeneration(shipped.config).eval()
+    seeds = range(VAL_OFFSET, VAL_OFFSET + 2)
+    trained, chance = look_report(shipped, processor, seeds), look_report(untrained, processor, seeds)
+    assert set(trained) == set(chance) and {"where", "relation", "cell"} <= set(trained)
+    assert trained["where"] > 0.9 and trained["relation"] > 0.9
+    # Untrained attention is spread over ~all 125 positions: one cell (9 tokens) gets little.
+    assert chance["where"] < 0.2

@@ -39,8 +39,8 @@ from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, 
                           LlavaForConditionalGeneration, LlavaProcessor)
 
 from . import SHIPPED_MODEL_DIR
-from .data import (COLOURS, IMAGE_SIZE, SHAPES, SIZES, VAL_OFFSET, chat_messages, conversation, corpus,
-                   evidence_cells, make_scene, render)
+from .data import (COLOURS, IMAGE_SIZE, QA_KINDS, SHAPES, SIZES, VAL_OFFSET, ask, chat_messages, conversation,
+                   corpus, evidence_cells, make_scene, render)
 from .tokenizer import CHAT_TEMPLATE, IMAGE, train_tokenizer
 
 PATCH_SIZE = 12  # 108 / 12 = 9x9 = 81 image tokens (CLS dropped, as in LLaVA-1.5);
@@ -203,7 +203,10 @@ class LookGuide:
         self.attn = model.model.language_model.layers[layer].self_attn
         self.heads = torch.tensor(heads)
         self.captured = {}
-        self.attn.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self.hook = self.attn.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def remove(self) -> None:
+        self.hook.remove()
 
     def _capture(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -227,6 +230,31 @@ class LookGuide:
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         mass = (probs * look[:, None]).sum(-1)  # (B, h, T)
         return -(mass + 1e-6).log().transpose(1, 2)[rows].mean()
+
+
+@torch.no_grad()
+def look_report(model, processor, seeds, layer: int = 2, heads: tuple[int, ...] = (2, 3)) -> dict[str, float]:
+    """Per question kind, the geometric-mean attention mass that ``heads`` of
+    ``layer`` put on the evidence cells while the reference answer is teacher-forced
+    (what ``LookGuide`` trains; 1.0 = they look only at the right cells)."""
+    guide, tokenizer, cells = LookGuide(model, layer, list(heads)), processor.tokenizer, patch_cells()
+    masses = {}
+    for seed in seeds:
+        scene = make_scene(seed)
+        pixels = processor.image_processor([render(scene)], return_tensors="pt")["pixel_values"]
+        for kind in QA_KINDS:
+            question, answer = ask(scene, kind, random.Random(seed))
+            evidence = evidence_cells(scene, question)
+            if not evidence:
+                continue
+            ids, _, [(start, end)] = encode_chat(tokenizer, [(question, answer)])
+            image_pos = torch.tensor([i for i, t in enumerate(ids) if t == tokenizer.image_token_id])
+            look = torch.zeros(1, len(ids), len(ids), dtype=torch.bool)
+            look[0, start - 1:end - 1, image_pos[torch.isin(cells, torch.tensor(evidence))]] = True
+            model(input_ids=torch.tensor([ids]), pixel_values=pixels)
+            masses.setdefault(kind, []).append(guide.loss(look).item())
+    guide.remove()
+    return {kind: math.exp(-sum(v) / len(v)) for kind, v in masses.items()}
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
