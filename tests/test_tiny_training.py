@@ -42,6 +42,8 @@ def test_evidence_cells_match_a_naive_reference():
 def test_look_mask_marks_answer_positions_and_evidence_image_tokens():
     processor = LlavaProcessor.from_pretrained(SHIPPED_MODEL_DIR)
     batch, _, look = make_batch(processor, random.Random(3), 6, description_rate=0.5, max_questions=3)
+    assert look.shape[1] == 1  # one head group, evidence_cells
+    look = look[:, 0]
     ids, labels = batch["input_ids"], batch["labels"]
     image = ids == processor.tokenizer.image_token_id
     rows = look.any(-1)
@@ -63,17 +65,24 @@ def test_look_guide_loss_equals_minus_log_attention_mass_of_the_model():
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration.from_pretrained(SHIPPED_MODEL_DIR, attn_implementation="eager")
     processor = LlavaProcessor.from_pretrained(SHIPPED_MODEL_DIR)
-    batch, _, look = make_batch(processor, random.Random(5), 3, description_rate=0.0, max_questions=2)
-    layer, heads = 2, [2, 5]
-    guide = LookGuide(model, layer, heads)
+    # Two head groups with different targets: the first from evidence_cells, the second
+    # only the first evidence cell (so the groups' rows and columns differ).
+    first_cell = lambda scene, q: evidence_cells(scene, q)[:1]  # noqa: E731
+    batch, _, look = make_batch(processor, random.Random(5), 3, description_rate=0.0, max_questions=2,
+                                evidence=(evidence_cells, first_cell))
+    layer, groups = 2, [[2, 5], [6]]
+    guide = LookGuide(model, layer, groups)
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
         got = guide.loss(look)
-    attn = out.attentions[layer][:, heads]  # (B, h, T, T) from the model's own eager attention
-    rows = look.any(-1)
-    mass = (attn * look[:, None]).sum(-1).transpose(1, 2)[rows]
-    expected = -(mass + 1e-6).log().mean()
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    expected = []
+    for g, heads in enumerate(groups):
+        attn = out.attentions[layer][:, heads]  # (B, h, T, T) from the model's own eager attention
+        rows = look[:, g].any(-1)
+        mass = (attn * look[:, g, None]).sum(-1).transpose(1, 2)[rows]
+        expected.append(-(mass + 1e-6).log().mean())
+    assert not torch.equal(look[:, 0], look[:, 1])
+    torch.testing.assert_close(got, torch.stack(expected).mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_look_report_shows_the_shipped_heads_find_objects_and_random_ones_do_not():

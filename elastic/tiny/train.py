@@ -150,13 +150,27 @@ class PatchProbe(torch.nn.Module):
                                                                                  cells.flatten())
 
 
+def mark_evidence(look: torch.Tensor, ids: list[int], turns, spans, scene, image_token_id: int,
+                  evidence=evidence_cells) -> None:
+    """Set ``look[t, k]`` (a ``seq x seq`` bool mask) for every position ``t`` that
+    predicts an answer token and every image token ``k`` in a cell that answer
+    depends on, according to ``evidence(scene, question)``."""
+    cells = patch_cells()
+    image_pos = torch.tensor([i for i, t in enumerate(ids) if t == image_token_id])
+    for (question, _), (start, end) in zip(turns, spans):
+        found = evidence(scene, question)
+        if found:  # positions start-1 .. end-2 predict the answer tokens
+            look[start - 1:end - 1, image_pos[torch.isin(cells, torch.tensor(found))]] = True
+
+
 def make_batch(processor, rng: random.Random, batch_size: int, description_rate: float = 0.8,
-               max_questions: int = 3) -> tuple[dict, torch.Tensor, torch.Tensor]:
+               max_questions: int = 3, evidence=(evidence_cells,)) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """A right-padded batch of fresh training chats with their images.
 
     Returns the model inputs, the patch labels (``PatchProbe``) and a
-    ``(batch, seq, seq)`` bool mask for ``LookGuide``: row ``t`` marks the image
-    tokens of the cells that the answer being written at position ``t`` depends on.
+    ``(batch, groups, seq, seq)`` bool mask for ``LookGuide``, one group per
+    function in ``evidence``: row ``t`` marks the image tokens of the cells that
+    the answer being written at position ``t`` depends on.
     """
     tokenizer = processor.tokenizer
     scenes = [make_scene(rng.randrange(VAL_OFFSET)) for _ in range(batch_size)]
@@ -169,14 +183,10 @@ def make_batch(processor, rng: random.Random, batch_size: int, description_rate:
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in encoded])
     pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
     patch = torch.stack([patch_labels(s) for s in scenes])
-    look = torch.zeros(batch_size, width, width, dtype=torch.bool)
-    cells = patch_cells()
+    look = torch.zeros(batch_size, len(evidence), width, width, dtype=torch.bool)
     for b, (scene, turns, (ids, _, spans)) in enumerate(zip(scenes, chats, encoded)):
-        image_pos = torch.tensor([i for i, t in enumerate(ids) if t == tokenizer.image_token_id])
-        for (question, _), (start, end) in zip(turns, spans):
-            evidence = evidence_cells(scene, question)
-            if evidence:  # positions start-1 .. end-2 predict the answer tokens
-                look[b, start - 1:end - 1, image_pos[torch.isin(cells, torch.tensor(evidence))]] = True
+        for g, fn in enumerate(evidence):
+            mark_evidence(look[b, g], ids, turns, spans, scene, tokenizer.image_token_id, fn)
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
     return batch, patch, look
 
@@ -199,9 +209,9 @@ class LookGuide:
     (question-answer accuracy stayed at 0.57-0.62 in every variant tried).
     """
 
-    def __init__(self, model, layer: int, heads: list[int]):
+    def __init__(self, model, layer: int, groups: list[list[int]]):
         self.attn = model.model.language_model.layers[layer].self_attn
-        self.heads = torch.tensor(heads)
+        self.groups = [torch.tensor(heads) for heads in groups]  # group g learns look[:, g]
         self.captured = {}
         self.hook = self.attn.register_forward_pre_hook(self._capture, with_kwargs=True)
 
@@ -213,23 +223,27 @@ class LookGuide:
         self.captured = {"hidden": hidden, "rope": kwargs["position_embeddings"]}
 
     def loss(self, look: torch.Tensor) -> torch.Tensor:
+        """Mean over head groups of ``-log`` attention mass on ``look[:, g]``
+        (``look``: ``(batch, groups, seq, seq)``), averaged over heads and targeted rows."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         a, hidden = self.attn, self.captured["hidden"]
-        rows = look.any(-1)  # (B, T) positions with a target
-        if not rows.any():
-            return hidden.new_zeros(())
         shape = (*hidden.shape[:-1], -1, a.head_dim)
         q = a.q_proj(hidden).view(shape).transpose(1, 2)
         k = a.k_proj(hidden).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *self.captured["rope"])
-        q, k = q[:, self.heads], k[:, self.heads // a.num_key_value_groups]
-        scores = (q @ k.transpose(-1, -2)) * a.scaling  # (B, h, T, T)
-        t = scores.shape[-1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=scores.device).tril()
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        mass = (probs * look[:, None]).sum(-1)  # (B, h, T)
-        return -(mass + 1e-6).log().transpose(1, 2)[rows].mean()
+        t = q.shape[-2]
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        losses = []
+        for heads, target in zip(self.groups, look.unbind(1)):
+            rows = target.any(-1)  # (B, T) positions with a target
+            if not rows.any():
+                continue
+            scores = (q[:, heads] @ k[:, heads // a.num_key_value_groups].transpose(-1, -2)) * a.scaling
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, h, T, T)
+            mass = (probs * target[:, None]).sum(-1)  # (B, h, T)
+            losses.append(-(mass + 1e-6).log().transpose(1, 2)[rows].mean())
+        return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
 
 @torch.no_grad()
@@ -237,20 +251,18 @@ def look_report(model, processor, seeds, layer: int = 2, heads: tuple[int, ...] 
     """Per question kind, the geometric-mean attention mass that ``heads`` of
     ``layer`` put on the evidence cells while the reference answer is teacher-forced
     (what ``LookGuide`` trains; 1.0 = they look only at the right cells)."""
-    guide, tokenizer, cells = LookGuide(model, layer, list(heads)), processor.tokenizer, patch_cells()
+    guide, tokenizer = LookGuide(model, layer, [list(heads)]), processor.tokenizer
     masses = {}
     for seed in seeds:
         scene = make_scene(seed)
         pixels = processor.image_processor([render(scene)], return_tensors="pt")["pixel_values"]
         for kind in QA_KINDS:
-            question, answer = ask(scene, kind, random.Random(seed))
-            evidence = evidence_cells(scene, question)
-            if not evidence:
+            turns = [ask(scene, kind, random.Random(seed))]
+            if not evidence_cells(scene, turns[0][0]):
                 continue
-            ids, _, [(start, end)] = encode_chat(tokenizer, [(question, answer)])
-            image_pos = torch.tensor([i for i, t in enumerate(ids) if t == tokenizer.image_token_id])
-            look = torch.zeros(1, len(ids), len(ids), dtype=torch.bool)
-            look[0, start - 1:end - 1, image_pos[torch.isin(cells, torch.tensor(evidence))]] = True
+            ids, _, spans = encode_chat(tokenizer, turns)
+            look = torch.zeros(1, 1, len(ids), len(ids), dtype=torch.bool)
+            mark_evidence(look[0, 0], ids, turns, spans, scene, tokenizer.image_token_id)
             model(input_ids=torch.tensor([ids]), pixel_values=pixels)
             masses.setdefault(kind, []).append(guide.loss(look).item())
     guide.remove()
@@ -318,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--look-weight", type=float, default=1.0,
                     help="weight of the LookGuide loss (where the --look-heads of --look-layer attend while answering)")
     ap.add_argument("--look-layer", type=int, default=2)
-    ap.add_argument("--look-heads", type=lambda v: [int(h) for h in v.split(",")], default=[2, 3])
+    ap.add_argument("--look-heads", type=lambda v: [int(h) for h in v.split(",")], nargs="+", default=[[2, 3]],
+                    help="guided heads of --look-layer, one comma-separated group per evidence function")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
