@@ -9,6 +9,10 @@ leaving shape counts unguided let it count?
 Heads 2,3 (KV head 1) look at the first object of a relation, heads 4,5 (KV head 2) at
 the second; every other question guides both pairs to all its evidence cells, except
 "How many squares?" (no guidance). ``--control`` keeps the shipped guide unchanged.
+
+The numbers in docs/tiny-model.md came from the first version of this script, which
+built the two masks with its own copy of ``make_batch`` (same targets); this version
+passes the same two evidence functions to ``train.make_batch``.
 """
 
 import functools
