@@ -208,7 +208,7 @@ def evidence_cells(scene: Scene, question: str) -> list[int]:
     for the description and for an absent object). Training uses it to tell one
     attention head where to look; see ``elastic.tiny.train.LookGuide``."""
     for pattern, cells in _EVIDENCE:
-        m = pattern.fullmatch(question) or pattern.match(question)
+        m = pattern.match(question)
         if m:
             return sorted(cells(scene, m))
     return []
