@@ -396,7 +396,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         with gr.Row():
                             start_size = gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)")
                             distance = gr.Slider(-64, 0, value=-25, step=1, label="Distance (N_tl offset)")
-                            max_new = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                            max_new = gr.Slider(1, 512, value=160, step=1, label="Max new tokens")
                         with gr.Row():
                             clear = gr.Button("Clear chat", size="sm")
                             to_compare = gr.Button("Compare methods on this question", size="sm")
@@ -426,7 +426,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         c_image = readable_image_input(gr.Image(type="filepath", label="Image", height=260))
                         c_question = gr.Textbox(label="Question", lines=2, elem_id="compare-question")
                         c_budget = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget")
-                        c_max_new = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                        c_max_new = gr.Slider(1, 512, value=160, step=1, label="Max new tokens")
                         c_local = gr.Checkbox(False, label="Also run Local (StreamingLLM)")
                         c_run = gr.Button("Run full / Elastic / H2O", variant="primary")
                         if examples:

@@ -275,8 +275,9 @@ def main() -> None:
         scene = make_scene(VAL_OFFSET + 500_000 + i)
         name = f"scene_{i}.png"
         render(scene, args.size).save(out / name)
-        prompt = DESCRIBE_PROMPT if i % 2 == 0 else ask(scene, QA_KINDS[i % len(QA_KINDS)], random.Random(i))[0]
-        examples.append({"image": name, "prompt": prompt, "seed": scene.seed, "reference": describe(scene)})
+        prompt, reference = ((DESCRIBE_PROMPT, describe(scene)) if i % 2 == 0
+                             else ask(scene, QA_KINDS[i % len(QA_KINDS)], random.Random(i)))
+        examples.append({"image": name, "prompt": prompt, "seed": scene.seed, "reference": reference})
     (out / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
     print(f"wrote {len(examples)} examples to {out}")
 
