@@ -11,8 +11,10 @@ the second; every other question guides both pairs to all its evidence cells, ex
 "How many squares?" (no guidance). ``--control`` keeps the shipped guide unchanged.
 
 The numbers in docs/tiny-model.md came from the first version of this script, which
-built the two masks with its own copy of ``make_batch`` (same targets); this version
-passes the same two evidence functions to ``train.make_batch``.
+built the two masks with its own copy of ``make_batch`` (same targets), on the data of
+commit 2eaeba1 (relations answered "Yes."/"No.", shape counts guided to the shape's
+cells); ``git checkout 2eaeba1`` reproduces that setting. This version passes the same
+two evidence functions to ``train.make_batch`` in the current span form.
 """
 
 import functools
@@ -36,12 +38,14 @@ def split_evidence(scene, question):
     return cells, cells
 
 
-def first_object(scene, question):
-    return split_evidence(scene, question)[0]
+def first_object(scene, question, answer):
+    cells = split_evidence(scene, question)[0]
+    return [(0, len(answer), cells)] if cells else []
 
 
-def second_object(scene, question):
-    return split_evidence(scene, question)[1]
+def second_object(scene, question, answer):
+    cells = split_evidence(scene, question)[1]
+    return [(0, len(answer), cells)] if cells else []
 
 
 if __name__ == "__main__":

@@ -145,7 +145,37 @@ def _there_are(n: int, noun: str) -> str:
     return f"There {'is' if n == 1 else 'are'} {count_phrase(n, noun)}."
 
 
+def relation_answer(a: Obj, b: Obj, word: str, truth: bool) -> str:
+    """"The red circle is in column one and the blue square is in column three: one
+    left of three, yes." Each object's column (row for above/below) is found first,
+    like a "where" answer; then the two numbers and the relation word are written
+    side by side, so the verdict is a function of the few tokens just before it.
+    Answered directly, or after the two cells, the verdict stayed at chance: the
+    model never learned to bring the question's relation word and two distant cell
+    names together (docs/tiny-model.md)."""
+    axis, na, nb = (("column", a.col, b.col) if word in ("left of", "right of") else ("row", a.row, b.row))
+    na, nb = NUMBERS[na + 1], NUMBERS[nb + 1]
+    return (f"The {a.name} is in {axis} {na} and the {b.name} is in {axis} {nb}: "
+            f"{na} {word} {nb}, {'yes' if truth else 'no'}.")
+
+
+def count_answer(scene: Scene, shape: str) -> str:
+    """"Square one is in the top left, square two is in the center, so there are two
+    squares." Each match is found and numbered in reading order, so the count is
+    copied from the last number written rather than read off a blend of attention."""
+    found = [o for o in scene.objects if o.shape == shape]
+    if not found:
+        return f"There are no {PLURAL[shape]}."
+    clauses = [f"{shape} {NUMBERS[i + 1]} is in the {CELLS[o.cell]}" for i, o in enumerate(found)]
+    n = len(found)
+    text = ", ".join(clauses) + f", so there {'is' if n == 1 else 'are'} {count_phrase(n, shape)}."
+    return text[0].upper() + text[1:]
+
+
 QA_KINDS = ["count", "cell", "where", "colour", "exists", "shape_count", "relation", "size"]
+# Training chats draw their questions from this list: the kinds that combine several
+# look-ups (a relation's verdict, a count, a cell's content) come up more often.
+TRAIN_KINDS = QA_KINDS + ["relation", "relation", "cell", "shape_count"]
 
 
 def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
@@ -156,7 +186,9 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
     if kind == "cell":
         cell = rng.randrange(9)
         o = scene.at(cell)
-        ans = f"A {o.size} {o.name}." if o else f"Nothing, the {CELLS[cell]} is empty."
+        # The answer names the cell first: the model then finds it from the words it
+        # has just written, not from the question several tokens back.
+        ans = f"The {CELLS[cell]} has a {o.size} {o.name}." if o else f"The {CELLS[cell]} is empty."
         return f"What is in the {CELLS[cell]}?", ans
     if kind == "where":
         o = rng.choice(objs)
@@ -176,14 +208,14 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str]:
         return f"Is there a {c} {s}?", "No."
     if kind == "shape_count":
         s = rng.choice(SHAPES)
-        return f"How many {PLURAL[s]} are there?", _there_are(sum(o.shape == s for o in objs), s)
+        return f"How many {PLURAL[s]} are there?", count_answer(scene, s)
     if kind == "relation":
         a, b = rng.sample(objs, 2)
         if a.col != b.col and (a.row == b.row or rng.random() < 0.5):
             word, truth = rng.choice([("left of", a.col < b.col), ("right of", a.col > b.col)])
         else:  # distinct cells, so rows differ here
             word, truth = rng.choice([("above", a.row < b.row), ("below", a.row > b.row)])
-        return f"Is the {a.name} {word} the {b.name}?", "Yes." if truth else "No."
+        return f"Is the {a.name} {word} the {b.name}?", relation_answer(a, b, word, truth)
     if kind == "size":
         o = rng.choice(objs)
         return f"Is the {o.name} large or small?", f"The {o.name} is {o.size}."
@@ -214,6 +246,88 @@ def evidence_cells(scene: Scene, question: str) -> list[int]:
     return []
 
 
+_RELATION = re.compile(r"Is the " + _OBJ + r" (?:left of|right of|above|below) the " + _OBJ + r"\?")
+_SHAPE_COUNT = re.compile(r"How many (" + "|".join(PLURAL[s] for s in SHAPES) + r") are there\?")
+
+
+def evidence_spans(scene: Scene, question: str, answer: str) -> list[tuple[int, int, list[int]]]:
+    """``(start, end, cells)``: while writing ``answer[start:end]`` the model should
+    look at ``cells``. One span over the whole answer (``evidence_cells``), except:
+
+    * a relation: its first clause looks at the first object, its second clause at
+      the second; the comparison after ": " reads the text, not the image;
+    * a shape count: clause ``k`` ("square two is in the center") looks at the k-th
+      match; the comma before it, where the model decides to go on, belongs to it.
+      The final ", so there are ..." copies the last number and is not guided;
+    * a description: each object sentence looks at its object's cell; the intro and
+      the two summary sentences are not guided.
+    """
+    if question in DESCRIBE_PROMPTS:
+        # Each object sentence, from the decision to go on (the "." before " In the")
+        # to its last word, looks at that object's cell: the cell name is then read
+        # off the cell's image tokens instead of being guessed from a raster scan.
+        spans = []
+        for o in scene.objects:
+            sentence = f"In the {CELLS[o.cell]} there is a {o.size} {o.colour} {o.shape}."
+            at = answer.find(sentence)
+            if at >= 0:
+                spans.append((at, at + len(sentence), [o.cell]))
+        return spans
+    m = _RELATION.fullmatch(question)
+    if m and ": " in answer:
+        cell_of = {(o.colour, o.shape): o.cell for o in scene.objects}
+        second, verdict = answer.index(" and the "), answer.index(": ")
+        return [(0, second, [cell_of[m[1], m[2]]]), (second, verdict, [cell_of[m[3], m[4]]])]
+    m = _SHAPE_COUNT.fullmatch(question)
+    if m and ", so " in answer:
+        found = [o for o in scene.objects if PLURAL[o.shape] == m[1]]
+        starts = [0] + [answer.index(f", {o.shape} {NUMBERS[k + 1]} is in") for k, o in enumerate(found) if k]
+        ends = starts[1:] + [answer.rindex(", so ")]
+        return [(a, b, [o.cell]) for a, b, o in zip(starts, ends, found)]
+    cells = evidence_cells(scene, question)
+    return [(0, len(answer), cells)] if cells else []
+
+
+def _relation_parts(question: str, answer: str) -> dict[str, tuple[int, int]] | None:
+    """Character spans of a relation's parts: the question's relation word, and in the
+    answer's comparison ("one below three, no") the two numbers, the word and the verdict."""
+    if not (_RELATION.fullmatch(question) and ": " in answer):
+        return None
+    word = re.search(r"left of|right of|above|below", question)
+    colon = answer.index(": ")
+    at = answer.index(" " + word[0] + " ", colon) + 1
+    comma = answer.rindex(", ")
+    return {"question word": word.span(), "first": (colon + 2, at - 1), "word": (at, at + len(word[0])),
+            "second": (at + len(word[0]) + 1, comma), "verdict": (comma + 1, len(answer) - 1)}
+
+
+# Text the model should look at while writing part of an answer, one function per
+# guided head group: ``(a, b, source, sa, sb)`` means "while writing answer[a:b], look
+# at source[sa:sb]", source being "question" or "answer". Only relations use them:
+# without them the model wrote the wrong relation word (above for below), and its
+# verdict ignored the comparison (right 62% of the time, docs/tiny-model.md).
+
+def relation_word_copy(question: str, answer: str) -> list[tuple[int, int, str, int, int]]:
+    """The comparison's relation word and the verdict look at the question's relation word."""
+    p = _relation_parts(question, answer)
+    return [(*p["word"], "question", *p["question word"]), (*p["verdict"], "question", *p["question word"])] if p else []
+
+
+def verdict_first_number(question: str, answer: str) -> list[tuple[int, int, str, int, int]]:
+    """The verdict looks at the first number of the comparison."""
+    p = _relation_parts(question, answer)
+    return [(*p["verdict"], "answer", *p["first"])] if p else []
+
+
+def verdict_second_number(question: str, answer: str) -> list[tuple[int, int, str, int, int]]:
+    """The verdict looks at the second number of the comparison."""
+    p = _relation_parts(question, answer)
+    return [(*p["verdict"], "answer", *p["second"])] if p else []
+
+
+TEXT_EVIDENCE = (relation_word_copy, verdict_first_number, verdict_second_number)
+
+
 def conversation(scene: Scene, rng: random.Random, description_rate: float = 0.8,
                  max_questions: int = 3) -> list[tuple[str, str]]:
     """A training chat: 1 to ``max_questions`` questions, plus the description
@@ -223,7 +337,7 @@ def conversation(scene: Scene, rng: random.Random, description_rate: float = 0.8
     prompt dominates) and their first turn *is* a single-turn example, so every
     chat trains single-turn behaviour and later turns train multi-turn use.
     """
-    turns = [ask(scene, rng.choice(QA_KINDS), rng) for _ in range(rng.randint(1, max_questions))]
+    turns = [ask(scene, rng.choice(TRAIN_KINDS), rng) for _ in range(rng.randint(1, max_questions))]
     if rng.random() < description_rate:
         at = 0 if rng.random() < 0.5 else rng.randint(1, len(turns))
         turns.insert(at, (rng.choice(DESCRIBE_PROMPTS), describe(scene)))

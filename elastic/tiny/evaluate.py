@@ -105,7 +105,7 @@ def evaluate(model, processor, seeds, method: str = "full", budget: float = 1.0,
         for k, v in score_description(scene, text).items():
             totals[k] += v
         for kind, question, answer in eval_questions(scene, qa_per_scene):
-            pred = generate(model, processor, image, question, max_new_tokens=32, cache=new_cache())
+            pred = generate(model, processor, image, question, max_new_tokens=64, cache=new_cache())
             qa[kind][0] += pred == answer
             qa[kind][1] += 1
     n_obj, n = totals["objects"], len(seeds)

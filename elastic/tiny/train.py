@@ -39,8 +39,8 @@ from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, 
                           LlavaForConditionalGeneration, LlavaProcessor)
 
 from . import SHIPPED_MODEL_DIR
-from .data import (COLOURS, IMAGE_SIZE, QA_KINDS, SHAPES, SIZES, VAL_OFFSET, ask, chat_messages, conversation,
-                   corpus, evidence_cells, make_scene, render)
+from .data import (COLOURS, DESCRIBE_PROMPT, IMAGE_SIZE, QA_KINDS, SHAPES, SIZES, TEXT_EVIDENCE, VAL_OFFSET, ask,
+                   chat_messages, conversation, corpus, describe, evidence_spans, make_scene, render)
 from .tokenizer import CHAT_TEMPLATE, IMAGE, train_tokenizer
 
 PATCH_SIZE = 12  # 108 / 12 = 9x9 = 81 image tokens (CLS dropped, as in LLaVA-1.5);
@@ -84,6 +84,12 @@ def build_model(tokenizer, vision_layers: int = 4) -> LlavaForConditionalGenerat
     return model
 
 
+def _render(tokenizer, msgs, gen: bool) -> str:
+    """The chat as the processor sees it: template applied, ``<image>`` expanded."""
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    return text.replace(IMAGE, IMAGE * NUM_IMAGE_TOKENS)
+
+
 def encode_chat(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """Token ids, labels and answer spans of a chat; labels are -100 except on answers.
 
@@ -91,19 +97,35 @@ def encode_chat(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], lis
     to the generation prompt and up to the end of that answer, so training sees
     exactly the tokens that ``apply_chat_template`` + the processor produce at inference.
     """
-    def tok(msgs, gen):
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-        return tokenizer(text.replace(IMAGE, IMAGE * NUM_IMAGE_TOKENS)).input_ids
-
     msgs = chat_messages(turns)
-    ids = tok(msgs, False)
+    ids = tokenizer(_render(tokenizer, msgs, False)).input_ids
     labels = [-100] * len(ids)
     spans = []
     for k in range(len(turns)):
-        start, end = len(tok(msgs[:2 * k + 1], True)), len(tok(msgs[:2 * k + 2], False))
+        start = len(tokenizer(_render(tokenizer, msgs[:2 * k + 1], True)).input_ids)
+        end = len(tokenizer(_render(tokenizer, msgs[:2 * k + 2], False)).input_ids)
         labels[start:end] = ids[start:end]
         spans.append((start, end))
     return ids, labels, spans
+
+
+def char_tokens(tokenizer, turns: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """For every turn, the index (in ``encode_chat``'s ids) of the token holding each
+    character of its question and of its answer; a space belongs to the token it starts."""
+    msgs = chat_messages(turns)
+    text = _render(tokenizer, msgs, False)
+    owner = [-1] * (len(text) + 1)
+    for t, (a, b) in enumerate(tokenizer(text, return_offsets_mapping=True)["offset_mapping"]):
+        owner[a:b] = [t] * (b - a)
+    for i in range(len(text) - 1, -1, -1):  # untracked characters (spaces) go to the next token
+        if owner[i] < 0:
+            owner[i] = owner[i + 1]
+    result = []
+    for k, (question, answer) in enumerate(turns):
+        q_at = text.index(question, len(_render(tokenizer, msgs[:2 * k], False)) if k else 0)
+        at = text.index(answer, len(_render(tokenizer, msgs[:2 * k + 1], True)))
+        result.append((owner[q_at:q_at + len(question)], owner[at:at + len(answer)]))
+    return result
 
 
 GRID = IMAGE_SIZE // PATCH_SIZE
@@ -150,27 +172,42 @@ class PatchProbe(torch.nn.Module):
                                                                                  cells.flatten())
 
 
-def mark_evidence(look: torch.Tensor, ids: list[int], turns, spans, scene, image_token_id: int,
-                  evidence=evidence_cells) -> None:
+def mark_evidence(look: torch.Tensor, ids: list[int], turns, spans, owners, scene, image_token_id: int,
+                  evidence=evidence_spans) -> None:
     """Set ``look[t, k]`` (a ``seq x seq`` bool mask) for every position ``t`` that
-    predicts an answer token and every image token ``k`` in a cell that answer
-    depends on, according to ``evidence(scene, question)``."""
+    predicts a token of an answer span and every image token ``k`` in a cell that
+    span depends on, according to ``evidence(scene, question, answer)`` (character
+    spans, mapped to tokens with ``owners`` from ``char_tokens``). A span
+    that ends the answer also covers the prediction of its ``</s>``."""
     cells = patch_cells()
     image_pos = torch.tensor([i for i, t in enumerate(ids) if t == image_token_id])
-    for (question, _), (start, end) in zip(turns, spans):
-        found = evidence(scene, question)
-        if found:  # positions start-1 .. end-2 predict the answer tokens
-            look[start - 1:end - 1, image_pos[torch.isin(cells, torch.tensor(found))]] = True
+    for (question, answer), (_, end), (_, owner) in zip(turns, spans, owners):
+        for a, b, found in evidence(scene, question, answer):
+            last = end - 1 if b == len(answer) else owner[b - 1]  # the last token predicted
+            look[owner[a] - 1:last, image_pos[torch.isin(cells, torch.tensor(found))]] = True
+
+
+def mark_copies(look: torch.Tensor, turns, owners, copies) -> None:
+    """Set ``look[t, k]`` for every position ``t`` that predicts a token of
+    ``answer[a:b]`` and every token ``k`` of ``source[sa:sb]``, for each
+    ``(a, b, source, sa, sb)`` in ``copies(question, answer)`` (``data.TEXT_EVIDENCE``),
+    ``source`` being the question or the answer of the same turn."""
+    for (question, answer), (q_owner, a_owner) in zip(turns, owners):
+        for a, b, source, sa, sb in copies(question, answer):
+            targets = (q_owner if source == "question" else a_owner)[sa:sb]
+            look[a_owner[a] - 1:a_owner[b - 1], sorted(set(targets))] = True
 
 
 def make_batch(processor, rng: random.Random, batch_size: int, description_rate: float = 0.8,
-               max_questions: int = 3, evidence=(evidence_cells,)) -> tuple[dict, torch.Tensor, torch.Tensor]:
+               max_questions: int = 3, evidence=(evidence_spans,),
+               copies=TEXT_EVIDENCE) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """A right-padded batch of fresh training chats with their images.
 
     Returns the model inputs, the patch labels (``PatchProbe``) and a
-    ``(batch, groups, seq, seq)`` bool mask for ``LookGuide``, one group per
-    function in ``evidence``: row ``t`` marks the image tokens of the cells that
-    the answer being written at position ``t`` depends on.
+    ``(batch, groups, seq, seq)`` bool mask for ``LookGuide``: one group per
+    function in ``evidence`` (``mark_evidence``: row ``t`` marks the image tokens of
+    the cells that the answer being written at position ``t`` depends on), then one
+    per function in ``copies`` (``mark_copies``: the words being read, e.g. copied).
     """
     tokenizer = processor.tokenizer
     scenes = [make_scene(rng.randrange(VAL_OFFSET)) for _ in range(batch_size)]
@@ -183,10 +220,13 @@ def make_batch(processor, rng: random.Random, batch_size: int, description_rate:
     mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in encoded])
     pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
     patch = torch.stack([patch_labels(s) for s in scenes])
-    look = torch.zeros(batch_size, len(evidence), width, width, dtype=torch.bool)
+    look = torch.zeros(batch_size, len(evidence) + len(copies), width, width, dtype=torch.bool)
     for b, (scene, turns, (ids, _, spans)) in enumerate(zip(scenes, chats, encoded)):
+        owners = char_tokens(tokenizer, turns)
         for g, fn in enumerate(evidence):
-            mark_evidence(look[b, g], ids, turns, spans, scene, tokenizer.image_token_id, fn)
+            mark_evidence(look[b, g], ids, turns, spans, owners, scene, tokenizer.image_token_id, fn)
+        for g, fn in enumerate(copies, len(evidence)):
+            mark_copies(look[b, g], turns, owners, fn)
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
     return batch, patch, look
 
@@ -196,9 +236,10 @@ class LookGuide:
 
     While the model writes an answer, the chosen heads of one language-model
     layer are trained to put their attention on the image tokens of the cells
-    the answer depends on (``data.evidence_cells``): the cell named in "What is
+    the answer depends on (``data.evidence_spans``): the cell named in "What is
     in the top left?", the cell of the object named in "Where is the red
-    circle?", both objects of a relation. The loss is ``-log`` of the attention
+    circle?", each object of a relation while its clause is written, the whole
+    grid for "How many squares?". The loss is ``-log`` of the attention
     mass on those tokens, recomputed from the layer's own query/key projections
     (so the model's fast attention kernel is untouched).
 
@@ -232,17 +273,20 @@ class LookGuide:
         q = a.q_proj(hidden).view(shape).transpose(1, 2)
         k = a.k_proj(hidden).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *self.captured["rope"])
-        t = q.shape[-2]
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        positions = torch.arange(q.shape[-2], device=q.device)
         losses = []
         for heads, target in zip(self.groups, look.unbind(1)):
             rows = target.any(-1)  # (B, T) positions with a target
             if not rows.any():
                 continue
-            scores = (q[:, heads] @ k[:, heads // a.num_key_value_groups].transpose(-1, -2)) * a.scaling
-            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, h, T, T)
-            mass = (probs * target[:, None]).sum(-1)  # (B, h, T)
-            losses.append(-(mass + 1e-6).log().transpose(1, 2)[rows].mean())
+            # Only the query rows that have a target somewhere in the batch (a few verdicts,
+            # the answers): the same loss as over all rows, at a fraction of the cost.
+            keep = rows.any(0).nonzero().flatten()
+            scores = (q[:, heads][:, :, keep] @ k[:, heads // a.num_key_value_groups].transpose(-1, -2)) * a.scaling
+            causal = keep[:, None] >= positions[None, :]
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, h, R, T)
+            mass = (probs * target[:, keep][:, None]).sum(-1)  # (B, h, R)
+            losses.append(-(mass + 1e-6).log().transpose(1, 2)[rows[:, keep]].mean())
         return torch.stack(losses).mean() if losses else hidden.new_zeros(())
 
 
@@ -256,13 +300,14 @@ def look_report(model, processor, seeds, layer: int = 2, heads: tuple[int, ...] 
     for seed in seeds:
         scene = make_scene(seed)
         pixels = processor.image_processor([render(scene)], return_tensors="pt")["pixel_values"]
-        for kind in QA_KINDS:
-            turns = [ask(scene, kind, random.Random(seed))]
-            if not evidence_cells(scene, turns[0][0]):
+        for kind in [*QA_KINDS, "describe"]:
+            turns = [(DESCRIBE_PROMPT, describe(scene)) if kind == "describe" else ask(scene, kind, random.Random(seed))]
+            if not evidence_spans(scene, *turns[0]):
                 continue
             ids, _, spans = encode_chat(tokenizer, turns)
             look = torch.zeros(1, 1, len(ids), len(ids), dtype=torch.bool)
-            mark_evidence(look[0, 0], ids, turns, spans, scene, tokenizer.image_token_id)
+            mark_evidence(look[0, 0], ids, turns, spans, char_tokens(tokenizer, turns), scene,
+                          tokenizer.image_token_id)
             model(input_ids=torch.tensor([ids]), pixel_values=pixels)
             masses.setdefault(kind, []).append(guide.loss(look).item())
     guide.remove()
@@ -330,8 +375,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--look-weight", type=float, default=1.0,
                     help="weight of the LookGuide loss (where the --look-heads of --look-layer attend while answering)")
     ap.add_argument("--look-layer", type=int, default=2)
-    ap.add_argument("--look-heads", type=lambda v: [int(h) for h in v.split(",")], nargs="+", default=[[2, 3]],
-                    help="guided heads of --look-layer, one comma-separated group per evidence function")
+    ap.add_argument("--look-heads", type=lambda v: [int(h) for h in v.split(",")], nargs="+", default=[[2, 3], [4, 5], [0], [1]],
+                    help="guided heads of --look-layer, one comma-separated group per look group of make_batch: "
+                         "the image evidence, then the relation word, the first and the second number of a "
+                         "relation's comparison (data.TEXT_EVIDENCE)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
