@@ -3,7 +3,8 @@
 three, yes."): a wrong clause, a wrong copy in the comparison, or only the verdict wrong.
 Relations only, the first N validation scenes, one question each.
 
-    git apply docs/tiny-experiments/written-comparison.patch
+    # the shipped recipe has these answer forms; for run B instead:
+    # git checkout 9a1f906 && git apply docs/tiny-experiments/written-comparison.patch
     ./run.sh python docs/tiny-experiments/comparison_breakdown.py /tmp/model 100
 """
 import random
