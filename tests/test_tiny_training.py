@@ -226,3 +226,27 @@ def test_look_mask_follows_the_object_sentences_of_a_description():
             else:
                 assert not look[t].any(), written
         assert guided >= 9 * len(scene.objects)  # every object sentence is at least 9 tokens
+
+
+def test_copy_mask_points_the_comparison_word_and_verdict_at_the_question_word():
+    processor = LlavaProcessor.from_pretrained(SHIPPED_MODEL_DIR)
+    tokenizer = processor.tokenizer
+    rng = random.Random(7)
+    for seed in range(8):
+        scene = make_scene(seed)
+        turns = [ask(scene, "relation", rng)]
+        question, answer = turns[0]
+        word = re.search(r"left of|right of|above|below", question)[0]
+        ids, _, spans = encode_chat(tokenizer, turns)
+        look = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+        mark_copies(look, turns, char_tokens(tokenizer, turns), TEXT_EVIDENCE[0])
+        start, end = spans[0]
+        rows = look.any(-1).nonzero().flatten().tolist()
+        # Naive reference from decoded text: the rows predict the comparison's relation word
+        # and the verdict, after the ": "; every row looks at the question's relation word.
+        predicted = "".join(tokenizer.decode([ids[t + 1]]) for t in rows)
+        assert predicted.split() == word.split() + [answer.rsplit(", ", 1)[1].rstrip(".")], predicted
+        assert ": " in tokenizer.decode(ids[start:rows[0] + 1])
+        for t in rows:
+            columns = look[t].nonzero().flatten().tolist()
+            assert columns[-1] < start and "".join(tokenizer.decode([ids[k]]) for k in columns).split() == word.split()
