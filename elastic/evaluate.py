@@ -314,7 +314,7 @@ def _floats(values: list[str]) -> list[float]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m elastic.evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="local path or hub id (default: the shipped tiny LLaVA)")
+    ap.add_argument("--model", default=None, help="local path, hub id or tiny-llava (default: the embedded model, scene-smollm2)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
     ap.add_argument("--budgets", nargs="+", default=[",".join(map(str, DEFAULT_BUDGETS))],
                     help="KV budgets in (0, 1], space- or comma-separated (default 0.1 ... 0.9)")
@@ -333,13 +333,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    from .models import SHIPPED_MODEL, load_model
+    from .models import DEFAULT_MODEL, load_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = _floats(args.budgets)
     samples = datasets.load(args.data, args.image_dir, args.samples)
     model, processor = load_model(args.model, device=args.device)
-    name = args.model or str(SHIPPED_MODEL.name)
+    name = args.model or DEFAULT_MODEL
     records = run(model, processor, samples, methods, budgets, out=args.out, model_name=name, data=args.data,
                   max_new_tokens=args.max_new_tokens, start_size=args.start_size, distance=args.distance,
                   resume=not args.fresh)

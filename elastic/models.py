@@ -1,6 +1,8 @@
-"""Loading a model and its processor: the shipped tiny LLaVA or a hub LVLM.
+"""Loading a model and its processor: the embedded model, the tiny LLaVA or a hub LVLM.
 
-``load_model()`` with no argument loads ``assets/tiny-llava`` on the CPU, offline.
+``load_model()`` with no argument loads the embedded model (SmolLM2-135M-Instruct with the
+scene vision tower, ``elastic.embedded``) on the CPU, offline; ``load_model("tiny-llava")``
+the 4-layer LLaVA trained from scratch (``assets/tiny-llava``, a model without attention sinks).
 Hub ids such as ``llava-hf/llava-1.5-7b-hf`` or ``Qwen/Qwen2-VL-2B-Instruct`` load on CUDA
 in bf16 when a GPU is present (``device_map="auto"`` spreads them over several GPUs).
 """
@@ -15,7 +17,10 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from .scoring import attach
 
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava"
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava"  # the 4-layer tiny LLaVA
+DEFAULT_MODEL = "scene-smollm2"  # the embedded model, assembled by elastic.embedded
+# Names load_model() understands besides paths and hub ids.
+LOCAL_MODELS = {DEFAULT_MODEL: None, "tiny-llava": SHIPPED_MODEL}
 
 # model_type -> class name in transformers (anything else falls back to the Auto classes).
 _MODEL_CLASSES = {
@@ -39,18 +44,22 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
     Parameters
     ----------
     name_or_path : str or Path, optional
-        A local directory or a hub id; default: the shipped tiny LLaVA.
+        A local directory, a hub id, ``"tiny-llava"`` (the 4-layer model trained from
+        scratch) or ``"scene-smollm2"``; default: the embedded model (``"scene-smollm2"``,
+        built into a cache directory at the first call, see ``elastic.embedded``).
     device : str, optional
         ``"cpu"``, ``"cuda"`` (spread with ``device_map="auto"``) or ``"cuda:N"``;
         default: CUDA if available.
     dtype : torch.dtype, optional
         Default: bfloat16 on CUDA, float32 on CPU.
     """
-    name = str(name_or_path or SHIPPED_MODEL)
+    name = str(name_or_path or DEFAULT_MODEL)
+    if name in LOCAL_MODELS:
+        name = str(LOCAL_MODELS[name] or _embedded_dir())
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
         cls_name = _MODEL_CLASSES.get(config.model_type)
         if cls_name:
             cls = getattr(transformers, cls_name)
@@ -61,7 +70,7 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
         kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
         if device == "cuda":
             kwargs["device_map"] = "auto"
-        model = cls.from_pretrained(name, **kwargs)
+        model = cls.from_pretrained(name, trust_remote_code=False, **kwargs)
         if device != "cuda":
             model = model.to(device)
         model.eval()
@@ -72,11 +81,20 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
     return attach(model), processor
 
 
+def _embedded_dir() -> Path:
+    from .embedded import EmbeddedModelError, model_dir
+
+    try:
+        return model_dir()
+    except EmbeddedModelError as error:
+        raise ModelLoadError(f"could not build the embedded model: {error}") from None
+
+
 def load_processor(name: str, config=None):
     """The model's processor; for Qwen2-VL without torchvision, a :class:`QwenVLProcessor`
     (transformers' own one needs torchvision for its video processor)."""
     try:
-        return AutoProcessor.from_pretrained(name)
+        return AutoProcessor.from_pretrained(name, trust_remote_code=False)
     except Exception:
         config = config or AutoConfig.from_pretrained(name)
         if config.model_type in ("qwen2_vl", "qwen2_5_vl"):

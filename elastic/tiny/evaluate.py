@@ -22,7 +22,6 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from . import SHIPPED_MODEL_DIR, load
 from .data import (CELLS, DESCRIBE_PROMPT, NUMBERS, VAL_OFFSET, chat_messages, describe,
                    eval_questions, make_scene, render)
 
@@ -120,7 +119,8 @@ def evaluate(model, processor, seeds, method: str = "full", budget: float = 1.0,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(SHIPPED_MODEL_DIR))
+    ap.add_argument("--model", default=None,
+                    help="default: the embedded model (scene-smollm2); or tiny-llava, or a LLaVA directory")
     ap.add_argument("--seed", type=int, default=0, help="offset into the validation seeds")
     ap.add_argument("--n", type=int, default=200, help="number of validation scenes")
     ap.add_argument("--method", default="full", help="full, elastic, h2o or local")
@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model, processor = load(args.model)
+    from ..models import DEFAULT_MODEL, load_model
+
+    model, processor = load_model(args.model, device="cpu")
+    args.model = args.model or DEFAULT_MODEL
     if args.look_report:
         from .train import look_report
 
