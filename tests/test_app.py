@@ -1,7 +1,6 @@
 """The app launched in-process and driven through ``gradio_client``.
 
-Uses the shipped tiny LLaVA when ``assets/tiny-llava`` holds one, else a random tiny LLaVA
-built from a config (answers are then word salad, but the plumbing is the same).
+Uses the embedded default model (SmolLM2 + the scene tower), as ``./run.sh app`` serves it.
 """
 
 from __future__ import annotations
@@ -28,11 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _model():
-    if (elastic.SHIPPED_MODEL / "config.json").exists():
-        return elastic.load_model(device="cpu")
-    from tiny import tiny_llava
-
-    return tiny_llava(image_size=48, patch=6, layers=3)
+    return elastic.load_model(device="cpu")  # the embedded default model, as the app serves it
 
 
 @pytest.fixture(scope="module")
@@ -208,23 +203,26 @@ def test_a_non_image_file_is_refused_by_type(server, images, conversation):
         chat(client, images["text"], "what ?", history=history)
 
 
-@pytest.mark.parametrize("case", ["no image", "renamed text", "corrupt", "empty", "too long"])
+def test_a_text_only_message_is_answered(server):
+    # No image anywhere in the chat: the model answers as a plain chat LM, the panel says so.
+    out = chat(Client(server.url, verbose=False), None, "What is the capital of France?", method="full",
+               max_new_tokens=12)[-1]
+    assert out[0][-1]["role"] == "assistant" and out[0][-1]["content"].strip()
+    assert not out[2].startswith("⚠️") and "KV entries" in out[2]
+
+
+@pytest.mark.parametrize("case", ["renamed text", "corrupt", "empty", "too long"])
 def test_bad_input_keeps_the_conversation(server, images, conversation, case):
     client, history = conversation
-    fresh = Client(server.url, verbose=False)
     too_long = "red " * (elastic.generation.context_length(server.model) + 50)
-    if case == "no image":  # a new chat without an image
-        out = chat(fresh, None, "what colour ?")[-1]
-        expected, kept = "Add an image", []
-    else:
-        image, text, expected = {
-            "renamed text": (images["text_as_png"], "what ?", "not a readable image"),
-            "corrupt": (images["corrupt"], "what ?", "not a readable image"),
-            "empty": (None, "  ", "message is empty"),
-            "too long": (None, too_long, "context"),
-        }[case]
-        out = chat(client, image, text, history=history)[-1]
-        kept = history
+    image, text, expected = {
+        "renamed text": (images["text_as_png"], "what ?", "not a readable image"),
+        "corrupt": (images["corrupt"], "what ?", "not a readable image"),
+        "empty": (None, "  ", "message is empty"),
+        "too long": (None, too_long, "context"),
+    }[case]
+    out = chat(client, image, text, history=history)[-1]
+    kept = history
     assert out[0] == kept, "the conversation must be unchanged"
     assert out[2].startswith("⚠️") and expected in out[2]
     assert "/tmp/gradio" not in out[2]  # no server paths in messages

@@ -128,9 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--qa-per-scene", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--look-report", action="store_true",
-                    help="only print, per question kind, how much attention the look-guided heads "
-                         "(layer 2, heads 2 and 3) put on the cells the answer depends on")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -138,13 +135,6 @@ def main(argv: list[str] | None = None) -> None:
 
     model, processor = load_model(args.model, device="cpu")
     args.model = args.model or DEFAULT_MODEL
-    if args.look_report:
-        from .train import look_report
-
-        seeds = range(VAL_OFFSET + args.seed, VAL_OFFSET + args.seed + args.n)
-        for kind, mass in look_report(model, processor, seeds).items():
-            print(f"look_mass {kind}={mass:.3f}")
-        return
     budget = 1.0 if args.method == "full" else args.budget
     start = VAL_OFFSET + args.seed
     t0 = time.time()

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--align-steps", type=int, default=200, help="stage 1: projector onto slot-word embeddings")
     ap.add_argument("--align-batch-size", type=int, default=32)
     ap.add_argument("--align-lr", type=float, default=2e-3)
-    ap.add_argument("--steps", type=int, default=600, help="stage 2: LoRA + projector on chats")
+    ap.add_argument("--steps", type=int, default=350, help="stage 2: LoRA + projector on chats")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the LoRA factors")
     ap.add_argument("--projector-lr", type=float, default=3e-4)

@@ -1,0 +1,120 @@
+"""Speed of the embedded default model on this CPU: what a user of the app waits for.
+
+    ./run.sh python bench/bench_embedded.py              # 2 threads, 5 repeats
+    ./run.sh python bench/bench_embedded.py --threads 1
+
+Measured side by side in one run, each the median of ``--repeats`` runs after one warm-up:
+
+* ``load``: ``elastic.load_model()`` once the cache directory exists;
+* ``prefill``: the prompt's forward pass (time to the first token in the library);
+* ``80 tokens``: a greedy description forced to 80 new tokens, full cache and Elastic 0.5;
+* ``app first token``: the app launched in-process, one ``/chat`` request through
+  ``gradio_client``, from submit to the first streamed text (full cache and Elastic 0.5);
+* ``app tokens/s`` vs ``library tokens/s`` for the same answer.
+
+Targets (issue 12): an 80-token description in at most 3 s, the app's first streamed
+token within 1 s of sending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import elastic
+from elastic.tiny.data import DESCRIBE_PROMPT, VAL_OFFSET, make_scene, render
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    fn()  # warm-up
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def library(model, processor, image, method: str, budget: float, new: int):
+    """One greedy answer with exactly ``new`` tokens (EOS suppressed)."""
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        return elastic.generate(model, processor, image, DESCRIBE_PROMPT, method=method, budget=budget,
+                                max_new_tokens=new)
+    finally:
+        model.generation_config.eos_token_id = eos
+
+
+def app_first_token(url: str, image_path: str, method: str, repeats: int) -> tuple[float, float]:
+    """Median seconds from submit to the first streamed text, and the app's tokens/s."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    firsts, rates = [], []
+    for i in range(repeats + 1):
+        message = {"text": DESCRIBE_PROMPT, "files": [handle_file(image_path)]}
+        t0 = time.perf_counter()
+        job = client.submit(message, [], method, 0.5, 1, -25, 160, 0, api_name="/chat")
+        first = None
+        while not job.done():
+            outs = job.outputs()
+            if first is None and outs and outs[-1][0] and outs[-1][0][-1].get("content"):
+                first = time.perf_counter() - t0
+            time.sleep(0.005)
+        total = time.perf_counter() - t0
+        final = job.outputs()[-1]
+        words = final[0][-1]["content"]
+        if isinstance(words, list):
+            words = " ".join(b.get("text", "") for b in words if isinstance(b, dict))
+        if i:  # the first request warms up
+            firsts.append(first if first is not None else total)
+            rates.append(len(words.split()) / total)
+    return statistics.median(firsts), statistics.median(rates)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new", type=int, default=80)
+    ap.add_argument("--no-app", action="store_true", help="skip the app measurements")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    elastic.load_model(device="cpu")  # builds the cache directory if needed
+    load_s, (model, processor) = timed(lambda: elastic.load_model(device="cpu"), max(1, args.repeats // 2))
+    scene = make_scene(VAL_OFFSET)
+    image = render(scene)
+    rows = [("load (cached)", "", f"{load_s:.2f} s")]
+    for method, budget in (("full", 1.0), ("elastic", 0.5)):
+        secs, gen = timed(lambda: library(model, processor, image, method, budget, args.new), args.repeats)
+        prefill = gen.stats.get("prefill_s")
+        if prefill is not None:
+            rows.append(("prefill", f"{method} {budget:g}", f"{prefill:.3f} s ({gen.trace.prompt_length} tokens)"))
+        rows.append((f"{args.new} tokens", f"{method} {budget:g}", f"{secs:.2f} s ({args.new / secs:.1f} tok/s)"))
+    if not args.no_app:
+        import tempfile
+
+        import app
+
+        app.MODEL.set(model, processor)
+        app.demo.queue().launch(prevent_thread_lock=True, quiet=True)
+        with tempfile.NamedTemporaryFile(suffix=".png") as f:
+            render(scene, 324).save(f.name)
+            for method in ("full", "elastic"):
+                first, words_per_s = app_first_token(app.demo.local_url, f.name, method, args.repeats)
+                rows.append(("app first token", method, f"{first:.2f} s"))
+                rows.append(("app words/s (whole answer)", method, f"{words_per_s:.1f}"))
+        app.demo.close()
+    print(f"threads={args.threads} repeats={args.repeats} (median after one warm-up)\n")
+    print("| what | method | time |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
