@@ -1,11 +1,21 @@
 """Compressed KV caches as transformers 5 caches: a list of per-layer objects.
 
-Each :class:`PolicyLayer` is a ``DynamicLayer`` that remembers the original position of
-every slot. ``update`` appends as usual; the compression happens right after the layer's
-attention (:meth:`PolicyLayer.after_attention`, called by the hook of
-:func:`elastic.attach`), because the prefill must first attend over the whole prompt and
-H2O must see the attention each new token pays. Entries are physically removed, so every
-layer has the same, smaller length and transformers' masks stay right.
+Each layer remembers the original position of every slot. ``update`` stores the new
+entries; the compression happens right after the layer's attention
+(:meth:`PolicyLayer.after_attention`, called by the hook of :func:`elastic.attach`),
+because the prefill must first attend over the whole prompt and H2O must see the
+attention each new token pays. Entries are physically removed, so every layer has the
+same, smaller length and transformers' masks stay right.
+
+Two storage layouts make the same decisions:
+
+* ``"preallocated"`` (default, :class:`PreallocatedLayer`): after the prefill the K/V live
+  in buffers sized from the budget rule; a decode step writes the new entry in place and
+  an eviction moves it into the evicted slot, so no step copies the cache. Slots are then
+  no longer in position order (attention does not care: keys carry their RoPE), and
+  policies choose victims by original position, never by slot index.
+* ``"dynamic"`` (:class:`PolicyLayer`): ``torch.cat`` on every append and a two-slice copy
+  on every eviction, slots always in position order. Kept as the reference layout.
 """
 
 from __future__ import annotations
@@ -18,10 +28,14 @@ from . import scoring
 from .methods import Policy, make_policy
 from .trace import LayerTrace, Trace
 
+LAYOUTS = ("preallocated", "dynamic")
+DEFAULT_RESERVE = 256  # decode tokens a preallocated layer has room for before it grows
+
 _NOT_ATTACHED = (
     "this cache compresses right after each layer's attention, but the model's attention "
     "never reached it: call elastic.attach(model) once before generating"
 )
+
 _NO_CONTINUATION = (
     "this cache already holds a compressed prompt and cannot take {n} new tokens at once "
     "(only the prompt is compressed by merging; a new turn needs a fresh prefill): "
@@ -30,7 +44,11 @@ _NO_CONTINUATION = (
 
 
 class PolicyLayer(DynamicLayer):
-    """One decoder layer's K/V, compressed by the cache's policy."""
+    """One decoder layer's K/V, compressed by the cache's policy (the ``"dynamic"`` layout).
+
+    ``keys`` / ``values`` ``[B, H_kv, S, D]`` hold the ``S`` entries kept, ``positions``
+    ``[B, S]`` their original positions; slot order is position order in this layout.
+    """
 
     def __init__(self, cache: "PolicyCache", layer_idx: int):
         super().__init__()
@@ -61,13 +79,23 @@ class PolicyLayer(DynamicLayer):
         n_new = key_states.shape[-2]
         if self.prompt_length is not None and n_new != 1:
             raise ValueError(_NO_CONTINUATION.format(n=n_new))
-        keys, values = super().update(key_states, value_states)
-        new = torch.arange(self.seen, self.seen + n_new, device=keys.device).expand(keys.shape[0], -1)
-        self.positions = new if self.positions is None else torch.cat([self.positions, new], dim=1)
+        keys, values = self._append(key_states, value_states)
         self.seen += n_new
         self.awaiting_attention = True
         scoring._waiting.layer = self
         return keys, values
+
+    def _append(self, key_states, value_states):
+        """Store new entries (original positions from ``seen`` on); return the K/V to attend over."""
+        n_new = key_states.shape[-2]
+        keys, values = DynamicLayer.update(self, key_states, value_states)
+        new = torch.arange(self.seen, self.seen + n_new, device=keys.device).expand(keys.shape[0], -1)
+        self.positions = new if self.positions is None else torch.cat([self.positions, new], dim=1)
+        return keys, values
+
+    def slot_of_rank(self, rank: int) -> torch.Tensor:
+        """Slot ``[B]`` of each sample's entry with the ``rank``-th smallest original position."""
+        return torch.full((self.keys.shape[0],), rank, dtype=torch.long, device=self.keys.device)
 
     def after_attention(self, query, key, attention_mask, scaling):
         """Compress now that the layer has attended (called by the attach hook)."""
@@ -99,10 +127,13 @@ class PolicyLayer(DynamicLayer):
     def _decode(self, query, key, scaling):
         policy = self.policy
         if policy.scores_decode:
-            grown = torch.nn.functional.pad(self.accumulated, (0, 1))
-            self.accumulated = grown + scoring.attention_received(query, key, scaling)
+            self._accumulate(scoring.attention_received(query, key, scaling))
         while self.get_seq_length() > self.capacity():
             self._drop(policy.decode_victim(self))
+
+    def _accumulate(self, received: torch.Tensor):
+        """Add this step's attention ``[B, S]`` (slot order); the new entry starts at 0."""
+        self.accumulated = torch.nn.functional.pad(self.accumulated, (0, 1)) + received
 
     def _fold(self, group: torch.Tensor) -> torch.Tensor:
         """Replace the prompt's slots by one slot per kept position (mean of what it holds)."""
@@ -111,7 +142,9 @@ class PolicyLayer(DynamicLayer):
         is_kept = group == positions
         n_kept = int(is_kept[0].sum())
         kept = positions.expand(B, T)[is_kept].view(B, n_kept)
-        if bool(((group == positions) | (group < 0)).all()):  # nothing merged: a gather
+        if n_kept == T:  # nothing merged or evicted (full cache, budget 1.0): no copy at all
+            pass
+        elif bool(((group == positions) | (group < 0)).all()):  # nothing merged: a gather
             index = kept[:, None, :, None].expand(B, H, n_kept, D)
             self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
         else:
@@ -151,6 +184,94 @@ class PolicyLayer(DynamicLayer):
         raise NotImplementedError("elastic caches cannot be cropped (assisted decoding is not supported)")
 
 
+class PreallocatedLayer(PolicyLayer):
+    """A :class:`PolicyLayer` whose decode steps never copy the cache (``"preallocated"``).
+
+    The prefill is stored and compressed exactly as in the dynamic layout; the kept
+    entries then move into buffers with room for ``capacity(T + reserve) + 1`` entries (the
+    budget rule, plus one spare slot for the token that arrives before an eviction).
+    ``keys`` / ``values`` / ``positions`` / ``accumulated`` are views of the first ``S``
+    slots. A decode step writes its entry at slot ``S``; evicting slot ``v`` moves the last
+    entry into ``v``, so the entries stay a prefix of the buffers. (With Elastic's fixed
+    point the window behind ``N_tl`` thus becomes a ring: the new token takes the evicted
+    slot.) Past ``reserve`` decode tokens the buffers grow geometrically: a copy at
+    most every doubling, never per step.
+    """
+
+    def __init__(self, cache: "PolicyCache", layer_idx: int, reserve: int = DEFAULT_RESERVE):
+        super().__init__(cache, layer_idx)
+        self.reserve = reserve
+        self.buffers: dict[str, torch.Tensor] | None = None  # keys, values, positions, accumulated
+
+    @property
+    def slots(self) -> int:
+        """Entries the buffers can hold (0 before the prefill)."""
+        return 0 if self.buffers is None else self.buffers["keys"].shape[2]
+
+    def _prefill(self, query, key, attention_mask, scaling):
+        super()._prefill(query, key, attention_mask, scaling)
+        self._allocate()
+
+    def _allocate(self):
+        """(Re)allocate the buffers for ``reserve`` more tokens and copy the entries in."""
+        slots = self.policy.capacity(self.seen + self.reserve, self.prompt_length) + 1
+        live = {"keys": self.keys, "values": self.values, "positions": self.positions,
+                "accumulated": self.accumulated}
+        self.buffers = {}
+        for name, x in live.items():
+            if x is None:
+                continue
+            axis = 2 if x.dim() == 4 else 1  # the slot axis of [B, H, S, D] and [B, S]
+            shape = list(x.shape)
+            shape[axis] = slots
+            self.buffers[name] = x.new_zeros(shape)
+            self.buffers[name].narrow(axis, 0, x.shape[axis]).copy_(x)
+        self._set_length(self.keys.shape[-2])
+
+    def _set_length(self, n: int):
+        """Point the live views at the first ``n`` slots (views: nothing is copied)."""
+        b = self.buffers
+        self.keys, self.values, self.positions = b["keys"][:, :, :n], b["values"][:, :, :n], b["positions"][:, :n]
+        if "accumulated" in b:
+            self.accumulated = b["accumulated"][:, :n]
+
+    def _append(self, key_states, value_states):
+        if self.buffers is None:  # the prefill: stored as the dynamic layout stores it
+            return super()._append(key_states, value_states)
+        n = self.keys.shape[-2]
+        if n + 1 > self.slots:
+            self.reserve = max(self.reserve, self.seen)  # double the horizon: amortised O(1)
+            self._allocate()
+        b = self.buffers
+        b["keys"][:, :, n:n + 1].copy_(key_states)
+        b["values"][:, :, n:n + 1].copy_(value_states)
+        b["positions"][:, n] = self.seen
+        if "accumulated" in b:
+            b["accumulated"][:, n] = 0.0
+        self._set_length(n + 1)
+        return self.keys, self.values
+
+    def _accumulate(self, received):
+        self.accumulated += received  # in place: the new slot was zeroed by _append
+
+    def slot_of_rank(self, rank):
+        return self.positions.kthvalue(rank + 1, dim=1).indices
+
+    def _drop(self, slot):
+        """Evict slot ``slot[b]`` of every sample ``b``: the last entry moves into it."""
+        B, H, S, D = self.keys.shape
+        self.evicted.append((self.forwards, self.positions.gather(1, slot[:, None])[:, 0]))
+        # Scatter, not slicing: samples may evict different slots, and no sync is needed.
+        # The one-entry source is cloned because the victim may be the last slot itself.
+        for x in (self.keys, self.values):
+            index = slot.view(B, 1, 1, 1).expand(B, x.shape[1], 1, x.shape[3])
+            x.scatter_(2, index, x[:, :, S - 1:S].clone())
+        for x in (self.positions, self.accumulated):
+            if x is not None:
+                x.scatter_(1, slot[:, None], x[:, S - 1:S].clone())
+        self._set_length(S - 1)
+
+
 def _group_mean(x: torch.Tensor, slot: torch.Tensor, n: int) -> torch.Tensor:
     """``[B, H, n, D]`` plain mean of the entries of ``x`` sent to each slot (``n`` is spare)."""
     B, H, T, D = x.shape
@@ -177,14 +298,21 @@ class PolicyCache(Cache):
     generating, :attr:`trace` tells what the cache did and :meth:`kv_bytes` what it holds.
     """
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, layout: str = "preallocated", reserve: int = DEFAULT_RESERVE):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if int(reserve) != reserve or reserve < 0:
+            raise ValueError(f"reserve must be an integer >= 0, got {reserve!r}")
         super().__init__(layer_class_to_replicate=self._new_layer)
         self.policy = policy
+        self.layout, self.reserve = layout, int(reserve)
         self.lengths: list[int] = []
         self.annotations: dict = {}
 
     def _new_layer(self) -> PolicyLayer:
-        return PolicyLayer(self, len(self.layers))
+        if self.layout == "dynamic":
+            return PolicyLayer(self, len(self.layers))
+        return PreallocatedLayer(self, len(self.layers), self.reserve)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (not entries held): models derive default position ids from
@@ -200,9 +328,15 @@ class PolicyCache(Cache):
         return self.layers[layer_idx].get_seq_length()
 
     def kv_bytes(self) -> int:
-        """Bytes of the K/V tensors held now, all layers."""
+        """Bytes of the K/V entries held now, all layers."""
+        return sum(_nbytes(layer.keys) + _nbytes(layer.values) for layer in self.layers if layer.is_initialized)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of K/V memory allocated, all layers: the held entries plus the free slots of
+        preallocated buffers."""
         return sum(
-            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            _nbytes(layer.buffers["keys"]) + _nbytes(layer.buffers["values"])
+            if getattr(layer, "buffers", None) else _nbytes(layer.keys) + _nbytes(layer.values)
             for layer in self.layers
             if layer.is_initialized
         )
@@ -270,15 +404,26 @@ class PolicyCache(Cache):
         return traces
 
 
-def make_cache(method: str = "elastic", **params) -> PolicyCache:
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+def make_cache(method: str = "elastic", layout: str = "preallocated", reserve: int = DEFAULT_RESERVE,
+               **params) -> PolicyCache:
     """A fresh cache for one ``generate`` call.
 
     Parameters
     ----------
     method : {"full", "elastic", "h2o", "local"}
+    layout : {"preallocated", "dynamic"}
+        How entries are stored (see the module docstring); both make the same decisions
+        and generate the same tokens.
+    reserve : int, default 256
+        ``"preallocated"`` only: decode tokens the buffers have room for right after the
+        prefill (then they grow geometrically). Pass ``max_new_tokens`` to never regrow.
     **params
         The policy's parameters: ``budget`` (fraction of KV entries kept, in (0, 1]),
         ``start_size`` (sink tokens), ``distance`` (Elastic's N_tl offset),
         ``recent_ratio`` (H2O). A parameter another method uses is ignored.
     """
-    return PolicyCache(make_policy(method, **params))
+    return PolicyCache(make_policy(method, **params), layout=layout, reserve=reserve)

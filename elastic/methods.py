@@ -5,7 +5,8 @@ Each policy answers two questions, and only decides (the cache layer moves the t
 * :meth:`Policy.plan_prefill` -- given the prompt's importance scores, which prompt
   positions survive the prefill and which entry each other position is folded into;
 * :meth:`Policy.decode_victim` -- once the cache is over budget while decoding, which slot
-  to drop.
+  to drop. Decisions are made on original positions (``layer.positions``,
+  ``layer.slot_of_rank``), never on slot order, which a preallocated layer permutes.
 
 The budget arithmetic lives in :mod:`elastic.budget`; the scores come from
 :mod:`elastic.scoring`.
@@ -69,7 +70,11 @@ class Policy:
         return torch.arange(prompt_length, device=device).expand(batch, -1)
 
     def decode_victim(self, layer) -> torch.Tensor:
-        """Slot index ``[B]`` to remove from an over-budget ``layer`` while decoding."""
+        """Slot index ``[B]`` to remove from an over-budget ``layer`` while decoding.
+
+        "The entry at index i" of the paper means the entry with the i-th smallest
+        original position (``layer.slot_of_rank(i)``): slots may be in any order.
+        """
         raise NotImplementedError(f"{self.name} never evicts")
 
 
@@ -141,8 +146,7 @@ class ElasticPolicy(Policy):
         return torch.where(protected, positions, group)
 
     def decode_victim(self, layer):
-        slot = min(self.fixed_point(layer.prompt_entries), layer.get_seq_length() - 1)
-        return torch.full((layer.keys.shape[0],), slot, dtype=torch.long, device=layer.keys.device)
+        return layer.slot_of_rank(min(self.fixed_point(layer.prompt_entries), layer.get_seq_length() - 1))
 
 
 @dataclass
@@ -192,8 +196,13 @@ class H2OPolicy(Policy):
 
     def decode_victim(self, layer):
         recent = self.recent_size(layer.capacity())
-        older = layer.accumulated[:, : layer.get_seq_length() - recent]
-        return older.argmin(dim=-1)
+        positions = layer.positions
+        # Older than the recent window: at most the (S - recent)-th smallest position.
+        newest_old = positions.gather(1, layer.slot_of_rank(layer.get_seq_length() - recent - 1)[:, None])
+        score = layer.accumulated.masked_fill(positions > newest_old, float("inf"))
+        # Lowest score; a tie goes to the oldest entry, whatever the slot order.
+        tied = score == score.min(dim=-1, keepdim=True).values
+        return torch.where(tied, positions, torch.iinfo(positions.dtype).max).argmin(dim=-1)
 
 
 @dataclass
@@ -221,7 +230,7 @@ class LocalPolicy(Policy):
         return torch.where(keep, positions, torch.full_like(positions, -1))
 
     def decode_victim(self, layer):
-        return torch.full((layer.keys.shape[0],), self.start_size, dtype=torch.long, device=layer.keys.device)
+        return layer.slot_of_rank(self.start_size)
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Policy, ElasticPolicy, H2OPolicy, LocalPolicy)}

@@ -27,13 +27,22 @@ def test_measure_forces_tokens_and_counts_kv_bytes(model):
     # Independent: K and V, every layer, every KV head, float32, for each token fed (T + N - 1).
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     seen = T + N - 1
-    for method, budget in (("full", 1.0), ("elastic", 0.3), ("h2o", 0.3), ("local", 0.5)):
-        m = benchmark.measure(model, inputs, method, budget, N)
-        assert (m.batch, m.prompt_tokens, m.new_tokens) == (B, T, N)
+    cases = [("full", 1.0, "DynamicCache"), ("full", 1.0, "preallocated"), ("elastic", 0.3, "preallocated"),
+             ("elastic", 0.3, "dynamic"), ("h2o", 0.3, "preallocated"), ("local", 0.5, "preallocated")]
+    for method, budget, layout in cases:
+        m = benchmark.measure(model, inputs, method, budget, N, layout=layout)
+        assert (m.batch, m.prompt_tokens, m.new_tokens, m.layout) == (B, T, N, layout)
         assert m.kv_full_bytes == per_token * seen * B
         assert m.kv_bytes == per_token * B * math.ceil(budget * seen - 1e-9)
         assert 0 < m.prefill_s < m.latency_s and 0 < m.decode_s < m.latency_s
         assert m.throughput == pytest.approx(B * N / m.latency_s)
+
+
+@pytest.mark.parametrize("method,layout,match", [("elastic", "DynamicCache", "full"), ("full", "ring", "layout")])
+def test_measure_rejects_bad_layouts(model, method, layout, match):
+    inputs = benchmark.input_maker(model, None, 8, image=False)(1)
+    with pytest.raises(ValueError, match=match):
+        benchmark.measure(model, inputs, method, 1.0, 2, layout=layout)
 
 
 def test_peak_memory_sees_a_large_allocation():
@@ -46,9 +55,13 @@ def test_peak_memory_sees_a_large_allocation():
 def test_suite_table_and_targets(model):
     make = benchmark.input_maker(model, None, 198, image=False)  # 198 + 3 - 1 = 200 tokens seen
     results = benchmark.run_suite(model, make, [1], benchmark.configs(["elastic"], [0.2, 0.5]), 3, progress=None)
-    assert [(m.method, m.budget) for m in results] == [("full", 1.0), ("elastic", 0.2), ("elastic", 0.5)]
+    assert [(m.label, m.budget) for m in results] == [("full (DynamicCache)", 1.0), ("full", 1.0),
+                                                      ("elastic", 0.2), ("elastic", 0.5)]
+    baseline = benchmark.full_baseline(results)[1]
+    assert baseline.latency_s == min(m.latency_s for m in results[:2])  # the faster full cache
     table = benchmark.format_table(results).splitlines()
-    assert len(table) == 2 + 3 and "| full | 1 |" in table[2] and table[2].count("1.00x") == 3
+    assert len(table) == 2 + 4 and "| full (DynamicCache) | 1 |" in table[2] and "| full | 1 |" in table[3]
+    assert table[2 + results.index(baseline)].count("1.00x") == 3
     checks = bench_overhead.check_targets(results)
     assert sum("prefill" in text for _, text in checks) == 2  # elastic at both budgets
     assert sum("decode" in text for _, text in checks) == 1  # elastic at 0.2
