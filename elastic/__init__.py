@@ -8,7 +8,7 @@
 """
 
 from .budget import check_budget, keep_count
-from .cache import PolicyCache, PolicyLayer, make_cache
+from .cache import LAYOUTS, PolicyCache, PolicyLayer, PreallocatedLayer, make_cache
 from .methods import METHODS, POLICIES, ElasticPolicy, H2OPolicy, LocalPolicy, Policy, make_policy
 from .scoring import attach, attention_received, is_attached
 from .generation import Generation, build_inputs, generate, load_image, user_message
@@ -16,9 +16,11 @@ from .metrics import perplexity, rouge_l
 from .models import SHIPPED_MODEL, ModelLoadError, load_model
 from .trace import LayerTrace, Trace
 
+__version__ = "0.2.0"
+
 __all__ = [
     "METHODS", "POLICIES", "Policy", "ElasticPolicy", "H2OPolicy", "LocalPolicy", "make_policy",
-    "PolicyCache", "PolicyLayer", "make_cache", "attach", "is_attached", "attention_received",
+    "PolicyCache", "PolicyLayer", "PreallocatedLayer", "LAYOUTS", "make_cache", "attach", "is_attached", "attention_received",
     "Trace", "LayerTrace", "check_budget", "keep_count", "generate", "Generation", "build_inputs",
     "load_image", "user_message", "load_model", "ModelLoadError", "SHIPPED_MODEL", "rouge_l", "perplexity",
 ]

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
-from rouge_score import rouge_scorer
 
-_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+@functools.cache
+def _scorer():
+    # Imported on first use: `import elastic` must work without the optional rouge-score.
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise ImportError(
+            "ROUGE-L needs the rouge-score package: pip install 'elastic-cache-explorer[eval]'"
+        ) from None
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -16,7 +25,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     """
     if not prediction.strip() and not reference.strip():
         return 1.0
-    return _SCORER.score(reference, prediction)["rougeL"].fmeasure
+    return _scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:
