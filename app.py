@@ -100,6 +100,20 @@ def forget_session(request: gr.Request):
         SESSIONS.pop(request.session_hash, None)
 
 
+def served_image(path) -> str:
+    """``path`` if it is a file this server handed out: an upload (inside gradio's upload
+    folder) or a shipped example. Anything else, e.g. a server path sent through the API
+    without gradio's file marker, is refused with a message that says nothing about it."""
+    folders = (Path(gr.utils.get_upload_folder()).resolve(), EXAMPLES_DIR.resolve())
+    try:
+        resolved = Path(str(path)).resolve()
+        if any(resolved.is_relative_to(folder) for folder in folders):
+            return str(resolved)
+    except (OSError, ValueError, RuntimeError):
+        pass
+    raise ValueError("images must be uploaded through the app (file paths are not accepted)")
+
+
 def readable_image_input(component: gr.Image) -> gr.Image:
     """Make an image input answer unreadable uploads with a clear message, not a server error.
 
@@ -111,7 +125,7 @@ def readable_image_input(component: gr.Image) -> gr.Image:
         try:
             return preprocess(payload)
         except Exception as error:
-            raise gr.Error(f"That upload is not an image I can read ({type(error).__name__}).") from None
+            raise gr.Error("That upload is not an image I can read.") from None
 
     component.preprocess = checked
     return component
@@ -213,9 +227,11 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
 
     new_image = files[-1] if files else None
     try:
+        for path in files + [f for turn in history for f in _blocks(turn)[1]]:
+            served_image(path)
         image = elastic.load_image(new_image) if new_image else None
     except ValueError as error:
-        yield refuse(_without_folder(error, new_image))
+        yield refuse(_without_folder(error, new_image or ""))
         return
     if not question:
         yield refuse("The message is empty: type a question about the image.")
@@ -309,9 +325,9 @@ def compare(image, question, budget, max_new_tokens, include_local=False, progre
     if not (question or "").strip():
         raise gr.Error("Type a question to compare on.")
     try:
-        picture = elastic.load_image(image)
+        picture = elastic.load_image(served_image(image))
     except ValueError as error:
-        raise gr.Error(_without_folder(error, image)) from None
+        raise gr.Error(_without_folder(error, str(image))) from None
     try:
         model, processor = MODEL.get()
     except elastic.ModelLoadError as error:

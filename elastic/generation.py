@@ -110,6 +110,29 @@ def prompt_annotations(model, inputs: dict) -> dict:
     return {"spans": {k: v for k, v in spans.items() if v[1] > v[0]}, "image_grid": grid}
 
 
+def longest_token(tokenizer) -> int:
+    """Characters in the tokenizer's longest token (computed once per tokenizer)."""
+    if getattr(tokenizer, "_elastic_longest_token", None) is None:
+        vocab = tokenizer.get_vocab()
+        tokenizer._elastic_longest_token = max(
+            (len(tokenizer.convert_tokens_to_string([t])) for t in vocab), default=1)
+    return tokenizer._elastic_longest_token
+
+
+def check_length(messages: list[dict], tokenizer, limit: int | None) -> None:
+    """Refuse a chat whose text cannot fit the context, before tokenising it: every token
+    covers at most ``longest_token`` characters, so longer text has too many tokens (and
+    tokenising millions of characters takes seconds and gigabytes)."""
+    if limit is None:
+        return
+    chars = sum(len(b.get("text", "")) if isinstance(b, dict) else len(str(b))
+                for m in messages
+                for b in (m["content"] if isinstance(m.get("content"), list) else [m.get("content") or ""]))
+    if chars > limit * longest_token(tokenizer):
+        raise ValueError(f"the conversation has {chars} characters, more than fit the model's context of "
+                         f"{limit} tokens: shorten it")
+
+
 def context_length(model) -> int | None:
     return getattr(text_config(model), "max_position_embeddings", None)
 
@@ -157,9 +180,12 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
     """
     if not is_attached(model):
         raise RuntimeError("call elastic.attach(model) (or use elastic.load_model) before elastic.generate")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    cache = make_cache(method, budget=budget, start_size=start_size, distance=distance, **policy_params)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, float)) \
+            or not math.isfinite(max_new_tokens) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)
+    cache = make_cache(method, budget=budget, start_size=start_size, distance=distance, reserve=max_new_tokens,
+                       **policy_params)
     image = load_image(image) if image is not None else None
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -167,9 +193,11 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         messages = [user_message(prompt, image is not None)]
     else:
         messages = list(prompt)
+    limit = context_length(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    check_length(messages, tokenizer, limit)
     inputs, annotations = build_inputs(model, processor, messages, image)
     T = inputs["input_ids"].shape[1]
-    limit = context_length(model)
     if limit is not None and T + max_new_tokens > limit:
         raise ValueError(
             f"the prompt has {T} tokens; with {max_new_tokens} new tokens that exceeds the model's context of "
@@ -182,7 +210,6 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
             f"budget {policy.budget:g} keeps fewer than the {policy.min_entries(T)} entries {method} needs "
             f"(protected tokens plus one); kept {keep_count(policy.budget, T, policy.min_entries(T))} instead"
         )
-    tokenizer = getattr(processor, "tokenizer", processor)
     clock = _Clock(model)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)

@@ -178,6 +178,27 @@ def test_compare_bad_input_has_a_clear_message(server, images, image, question, 
         client.predict(handle_file(str(images[image])), question, 0.3, 4, api_name="/compare")
 
 
+@pytest.mark.parametrize("path", ["server png", "missing", "directory"])
+def test_server_paths_sent_without_the_file_marker_are_refused_alike(server, images, path):
+    # A bare {"path": ...} skips gradio's upload check: the app must not open it, and the
+    # message must be the same whatever is (or is not) at that path.
+    target = {"server png": images["red"], "missing": images["red"].parent / "nothing.png",
+              "directory": images["red"].parent}[path]
+    client = Client(server.url, verbose=False)
+    with pytest.raises(AppError) as raised:
+        client.predict({"path": str(target)}, "what colour ?", 0.5, 4, api_name="/compare")
+    assert str(raised.value).count("file paths are not accepted") == 1
+    assert "Error" not in str(raised.value).replace("AppError", "")  # no exception type names
+    history = [{"role": "user", "content": [{"type": "file", "file": {"path": str(images["red"])}},
+                                            {"type": "text", "text": "what ?"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    out = client.submit({"text": "and now ?", "files": []}, history, "full", 1.0, 1, -25, 4, 0,
+                        api_name="/chat")
+    out.result()
+    final = out.outputs()[-1]
+    assert final[2].startswith("⚠️") and "file paths are not accepted" in final[2]
+
+
 @pytest.mark.parametrize("budget, expected", [(0, "less than minimum value 0.05"),
                                               (2, "greater than maximum value 1.0")])
 def test_compare_rejects_a_budget_outside_the_range(server, images, budget, expected):

@@ -138,3 +138,14 @@ def test_training_command_runs_resumes_and_its_output_assembles(tmp_path):
         a, b = merged(**inputs).logits, hooked.eval()(**inputs).logits
     assert torch.allclose(a, b, atol=2e-3), (a - b).abs().max()
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_the_apps_examples_are_answered_right_with_the_full_cache(default_model):
+    # The four shipped examples (assets/examples/examples.json) are what a new user clicks first.
+    model, processor = default_model
+    examples = json.loads((embedded.ASSET_DIR.parent / "examples" / "examples.json").read_text())
+    assert len(examples) == 4
+    for example in examples:
+        image = embedded.ASSET_DIR.parent / "examples" / example["image"]
+        answer = elastic.generate(model, processor, image, example["prompt"], method="full", max_new_tokens=160)
+        assert answer.text == example["reference"], example

@@ -85,6 +85,34 @@ def test_bad_input_is_refused_clearly(llava, tmp_path):
     assert max(elastic.load_image(huge).size) == elastic.generation.MAX_IMAGE_SIDE
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2.5, "abc", None, 0, True])
+def test_max_new_tokens_must_be_a_whole_number(llava, bad):
+    model, processor = llava
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        elastic.generate(model, processor, Image.new("RGB", (32, 32)), "what ?", max_new_tokens=bad)
+
+
+def test_text_that_cannot_fit_is_refused_before_tokenising(llava, monkeypatch):
+    model, processor = llava
+    tokenizer = processor.tokenizer
+    longest = elastic.generation.longest_token(tokenizer)
+    assert longest == max(len(tokenizer.convert_tokens_to_string([t])) for t in tokenizer.get_vocab())
+    limit = elastic.generation.context_length(model)
+    calls = []
+    monkeypatch.setattr(elastic.generation, "build_inputs", lambda *a, **k: calls.append(1) / 0)
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="characters"):
+        elastic.generate(model, processor, None, "x" * 20_000_000)
+    assert time.perf_counter() - start < 1.0 and not calls  # refused without tokenising
+    just_over = [elastic.user_message("x" * (limit * longest + 1), with_image=False)]
+    with pytest.raises(ValueError, match="characters"):
+        elastic.generation.check_length(just_over, tokenizer, limit)
+    elastic.generation.check_length([elastic.user_message("x" * (limit * longest), with_image=False)],
+                                    tokenizer, limit)  # may fit: left to the token count
+
+
 def test_tiny_budget_warns_and_keeps_minimum(llava):
     model, processor = llava
     result = elastic.generate(model, processor, Image.new("RGB", (32, 32)), "what ?", method="elastic",
