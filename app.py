@@ -1,6 +1,6 @@
 """Elastic Cache Explorer: chat with a vision-language model and watch its KV cache.
 
-    python app.py                                  # the embedded model (SmolLM2 + scene tower), CPU, offline
+    python app.py                                  # the shipped tiny LLaVA, CPU, offline
     python app.py --model llava-hf/llava-1.5-7b-hf --share
 
 This file only wires components: answers come from :func:`elastic.generate`, figures from
@@ -387,8 +387,8 @@ INTRO = """# Elastic Cache Explorer
 Chat about an image while a **compressed KV cache** keeps only a fraction of the keys and values.
 [Elastic Cache](https://arxiv.org/abs/2407.18121) merges unimportant prompt tokens into *anchors*
 and, while decoding, evicts at one fixed point. The panel on the right shows what it kept.
-The default model is **SmolLM2-135M-Instruct with eyes for synthetic shape scenes** (a 3x3 grid of
-coloured circles, squares, triangles and diamonds): describe a scene, ask what is where, or just chat."""
+The default model is a **4-layer LLaVA trained on synthetic shape scenes** (a 3x3 grid of coloured
+circles, squares, triangles and diamonds): describe a scene or ask what is where."""
 
 
 def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
@@ -404,7 +404,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         chatbot = gr.Chatbot(label="Chat", height=430, elem_id="chatbot")
                         msg = gr.MultimodalTextbox(
                             file_types=["image"], file_count="single", sources=["upload"], elem_id="msg",
-                            placeholder="Ask about an image (drop or attach it here), or just chat…", show_label=False)
+                            placeholder="Ask about an image (drop or attach it here)…", show_label=False)
                         status = gr.Markdown(label="status", elem_id="status")
                         with gr.Row():
                             method = gr.Radio(list(elastic.METHODS), value="elastic", label="Method")
@@ -482,7 +482,7 @@ CSS = """
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=os.environ.get("ELASTIC_MODEL"),
-                        help="hub id, local path or tiny-llava (default: the embedded SmolLM2 scene model), e.g. "
+                        help="hub id, local path, tiny-llava (default) or scene-smollm2, e.g. "
                              "llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf, Qwen/Qwen2-VL-2B-Instruct")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

