@@ -122,6 +122,13 @@ def readable_image_input(component: gr.Image) -> gr.Image:
     preprocess = component.preprocess
 
     def checked(payload):
+        # Before gradio's preprocess, which would open whatever path an API payload names.
+        path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", None)
+        if path is not None:
+            try:
+                served_image(path)
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
         try:
             return preprocess(payload)
         except Exception as error:
