@@ -11,21 +11,16 @@ import torch
 
 import elastic
 from naive import exact_keep
-from tiny import tiny_llama, tiny_llava
+from test_cache import llama, prompt  # noqa: F401 (llama is a fixture)
+from tiny import tiny_llava
 
 BUDGETS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 CASES = [("full", 1.0)] + [(m, b) for m in elastic.METHODS if m != "full" for b in BUDGETS]
 MINIMUM = {"elastic": 3, "local": 2, "h2o": 1, "full": 1}  # protected entries + 1 (start_size 1)
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return elastic.attach(tiny_llama(layers=3, heads=4, kv_heads=2, sharpness=30.0))
-
-
 def prompts(T=40, batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(4, 64, (batch, T), generator=g)
+    return prompt(T, seed, batch)
 
 
 def generate(model, ids, cache, n):
