@@ -44,7 +44,7 @@ from .. import embedded
 from . import SHIPPED_MODEL_DIR
 from .data import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, VAL_OFFSET, chat_messages, conversation, make_scene,
                    render)
-from .train import GRID, NUM_IMAGE_TOKENS, PATCH_SIZE, lr_at, patch_cells
+from .train import NUM_IMAGE_TOKENS, PATCH_SIZE, image_features, lr_at
 
 # Text-only prompts whose answers (the base LM's own, greedy) are mixed into training,
 # so the LoRA delta does not make the model forget how to chat without an image.
@@ -191,19 +191,13 @@ def base_answers(model, tokenizer, prompts, max_new_tokens: int = 96) -> list[tu
     return chats
 
 
-def image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Projector output: the image tokens as the LM sees them."""
-    hidden = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
-    return model.model.multi_modal_projector(hidden[:, 1:])
-
-
 def align_loss(model, pixel_values: torch.Tensor, targets: torch.Tensor, ce_weight: float = 0.0) -> torch.Tensor:
     """Mean squared distance of the image tokens to their slot words' embeddings, in units
     of the embedding table's variance; plus, with ``ce_weight``, a cross-entropy that makes
     each token's dot product pick its word among all slot words (squared distance alone
     settles on the mean of the words the tower cannot yet tell apart, mostly "empty")."""
     embed = model.model.language_model.embed_tokens.weight.detach()
-    tokens = image_tokens(model, pixel_values)
+    tokens = image_features(model, pixel_values)
     loss = F.mse_loss(tokens, embed[targets]) / embed.var()
     if ce_weight:
         words, index = targets.unique(return_inverse=True)
@@ -218,7 +212,7 @@ def object_word_accuracy(model, tokenizer, pixel_values, scenes) -> float:
     embed = model.model.language_model.embed_tokens.weight
     words = targets.unique()
     with torch.no_grad():
-        nearest = words[torch.cdist(image_tokens(model, pixel_values), embed[words][None]).argmin(-1)]
+        nearest = words[torch.cdist(image_features(model, pixel_values), embed[words][None]).argmin(-1)]
     is_object = torch.tensor([[w in OBJECT_WORDS for w in slot_words(s)] for s in scenes])
     return (nearest == targets)[is_object].float().mean().item()
 
@@ -345,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         if (step + 1) % (args.log_every * 5) == 0 or step + 1 == args.align_steps:
             with torch.no_grad():  # nearest vocabulary word of every image token vs its target
-                feats = image_tokens(model, pixels)
+                feats = image_features(model, pixels)
                 nearest = torch.cdist(feats, model.model.language_model.embed_tokens.weight[None]).argmin(-1)
                 hit = (nearest == slot_targets(tokenizer, scenes)).float().mean().item()
             write(f"align step={step + 1} loss={loss.item():.4f} nearest_word_acc={hit:.3f} "
