@@ -12,14 +12,16 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import elastic
 from elastic import embedded
-from elastic.tiny import train_smol
+from elastic.tiny import SHIPPED_MODEL_DIR, smol_vision, train_smol
 from elastic.tiny.data import VAL_OFFSET, make_scene, render
+from elastic.tiny.train import image_features, patch_cells
 
-COMMON = ["--align-steps", "2", "--align-batch-size", "2", "--batch-size", "1", "--text-prompts", "1",
+COMMON = ["--read-steps", "2", "--align-steps", "2", "--vision-batch-size", "2", "--batch-size", "1", "--text-prompts", "1",
           "--eval-n", "0", "--log-every", "1", "--save-every", "1", "--threads", "2"]
 
 
@@ -132,10 +134,57 @@ def test_missing_wheel_and_missing_training_are_clear_errors(monkeypatch, tmp_pa
 
 def test_slot_words_read_the_scene_in_reading_order():
     scene = make_scene(VAL_OFFSET + 3)
-    words = train_smol.slot_words(scene)
+    words = smol_vision.slot_words(scene)
     assert len(words) == 81
     for cell in range(9):
         o = scene.at(cell)
         nine = words[9 * cell:9 * cell + 9]
         assert nine[-3:] == [",", scene.background, "background"]
         assert nine[3:6] == ([o.size, o.colour, o.shape] if o else ["empty"] * 3)
+
+
+def test_route_targets_point_each_patch_row_at_its_cell():
+    targets = smol_vision.route_targets()
+    cells = patch_cells()  # the cell of every patch, computed from pixel centres
+    for token in range(81):
+        expected = torch.cat([torch.tensor([False]), cells == token // 9])  # CLS first, never a target
+        assert torch.equal(targets[token], expected), token
+
+
+def test_the_tower_starts_from_the_tiny_llavas(trained):
+    # train_smol once loaded nothing here (the file's keys lack "model."): compare with the
+    # tower that from_pretrained loads, layer by layer.
+    tiny, _ = elastic.load_model("tiny-llava", device="cpu")
+    manifest = json.loads((trained / "straight" / "manifest.json").read_text())
+    model = embedded.build_model(embedded.language_model_dir(), manifest, 49152)
+    before = model.model.vision_tower.encoder.layers[0].self_attn.q_proj.weight.clone()
+    train_smol.reuse_tower(model, SHIPPED_MODEL_DIR)
+    ours, theirs = model.model.vision_tower.state_dict(), tiny.model.vision_tower.state_dict()
+    assert theirs.keys() < ours.keys() and len(ours) > len(theirs)  # plus the routing layers
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert not torch.equal(before, ours["encoder.layers.0.self_attn.q_proj.weight"])
+
+
+def test_projector_built_from_a_classifier_points_at_the_winning_words_embedding(trained, assembled):
+    processor = assembled[2]
+    manifest = json.loads((trained / "straight" / "manifest.json").read_text())
+    model = embedded.build_model(embedded.language_model_dir(), manifest, processor.tokenizer.image_token_id)
+    words, word_ids = smol_vision.slot_vocabulary(processor.tokenizer)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, len(words))
+    with torch.no_grad():
+        head.weight.mul_(40)  # a confident classifier: clear winners
+    pixels = processor.image_processor([render(make_scene(VAL_OFFSET + i)) for i in range(4)],
+                                       return_tensors="pt")["pixel_values"]
+    smol_vision.projector_from_classifier(model, head, word_ids, pixels)
+    with torch.no_grad():
+        tokens, _ = smol_vision.tower_tokens(model, pixels)
+        top2 = head(tokens).topk(2, dim=-1)
+        winner = word_ids[top2.indices[..., 0]]
+        margin = top2.values[..., 0] - top2.values[..., 1]
+        clear = margin > margin.median()  # the construction's threshold is set for clear winners
+        features = F.normalize(image_features(model, pixels), dim=-1)
+        words_embedded = F.normalize(model.model.language_model.embed_tokens.weight[word_ids], dim=-1)
+        pointed_at = word_ids[(features @ words_embedded.T).argmax(-1)]
+    assert (pointed_at == winner)[clear].float().mean() > 0.95
+    assert len(winner[clear].unique()) > 3  # not one word everywhere: the check can fail

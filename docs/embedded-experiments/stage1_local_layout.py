@@ -1,5 +1,9 @@
 """Stage 1 of train_smol with every image token aligned to its own cell's object.
 
+Written for the squared-distance stage 1 of commit 3dbe45a (run it in a worktree of that
+commit: ``git worktree add /tmp/at-3dbe45a 3dbe45a``). That code also started the tower
+from random weights, not the tiny LLaVA's as it meant to (a key-prefix bug, fixed since).
+
     ./run.sh python docs/embedded-experiments/stage1_local_layout.py --out /tmp/exp3 --steps 0 \
         --eval-n 0 --text-prompts 0 --align-steps 400 --tower-lr-scale 1.0 --threads 2
 

