@@ -1,6 +1,6 @@
 """Elastic Cache Explorer: chat with a vision-language model and watch its KV cache.
 
-    python app.py                                  # the shipped tiny LLaVA, CPU, offline
+    python app.py                                  # the shipped SmolLM2 with eyes, CPU, offline
     python app.py --model llava-hf/llava-1.5-7b-hf --share
 
 This file only wires components: answers come from :func:`elastic.generate`, figures from
@@ -394,8 +394,9 @@ INTRO = """# Elastic Cache Explorer
 Chat about an image while a **compressed KV cache** keeps only a fraction of the keys and values.
 [Elastic Cache](https://arxiv.org/abs/2407.18121) merges unimportant prompt tokens into *anchors*
 and, while decoding, evicts at one fixed point. The panel on the right shows what it kept.
-The default model is a **4-layer LLaVA trained on synthetic shape scenes** (a 3x3 grid of coloured
-circles, squares, triangles and diamonds): describe a scene or ask what is where."""
+The default model is **SmolLM2-135M-Instruct with eyes**: a real pretrained language model plus a small
+vision tower trained only on **synthetic shape scenes** (a 3x3 grid of coloured circles, squares,
+triangles and diamonds). Describe a scene or ask what is where; without an image it chats as SmolLM2."""
 
 
 def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
@@ -489,7 +490,7 @@ CSS = """
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=os.environ.get("ELASTIC_MODEL"),
-                        help="hub id, local path, tiny-llava (default) or scene-smollm2, e.g. "
+                        help="hub id, local path, scene-smollm2 (default) or tiny-llava, e.g. "
                              "llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf, Qwen/Qwen2-VL-2B-Instruct")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

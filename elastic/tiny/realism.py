@@ -1,7 +1,7 @@
 """How real is a model's attention? Attention sink and position bias of the importance score.
 
-    python -m elastic.tiny.realism --n 50                           # the shipped tiny LLaVA
-    python -m elastic.tiny.realism --n 50 --model scene-smollm2     # SmolLM2 with the scene tower
+    python -m elastic.tiny.realism --n 50                           # the default model (scene-smollm2)
+    python -m elastic.tiny.realism --n 50 --model tiny-llava        # the 4-layer tiny LLaVA
 
 For ``--n`` validation scenes (one question each, rotating through the question kinds and
 the description prompt) the prompt is prefilled once and, per layer, Elastic Cache's
@@ -71,7 +71,7 @@ def measure(model, processor, n: int = 50, seed: int = 0) -> dict[str, np.ndarra
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="default: the shipped tiny LLaVA; or scene-smollm2, a path, a hub id")
+    ap.add_argument("--model", default=None, help="default: the default model (scene-smollm2); or tiny-llava, a path, a hub id")
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0, help="offset into the validation seeds")
     ap.add_argument("--threads", type=int, default=2)

@@ -1,0 +1,71 @@
+"""The shipped default model (SmolLM2 with eyes): it loads offline through ``load_model()``,
+reads a validation scene it never saw, and the app's four examples get right answers.
+
+The references are the scenes themselves (``elastic.tiny.data``), not recorded outputs; a
+negative control (the projector's weights randomised) shows the checks can fail.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import elastic
+from elastic.tiny.data import DESCRIBE_PROMPT, VAL_OFFSET, describe, make_scene, render
+from elastic.tiny.evaluate import generate, score_description
+
+ROOT = elastic.SHIPPED_MODEL.parent.parent
+SCENE = make_scene(VAL_OFFSET + 1)  # a validation scene: never trained on
+
+
+@pytest.fixture(scope="module")
+def default():
+    torch.set_num_threads(2)
+    return elastic.load_model(device="cpu")
+
+
+def all_objects_right(scene, text: str) -> bool:
+    score = score_description(scene, text)
+    return score["all"] == score["objects"] == len(scene.objects)
+
+
+def test_the_default_is_smollm2_with_eyes(default):
+    model, processor = default
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert model.config.text_config.num_hidden_layers == 30
+    assert processor.tokenizer.convert_ids_to_tokens(model.config.image_token_id) == "<image>"
+
+
+def test_default_model_describes_a_validation_scene(default):
+    model, processor = default
+    text = generate(model, processor, render(SCENE), DESCRIBE_PROMPT)
+    assert all_objects_right(SCENE, text), (text, describe(SCENE))
+    # negative control: the same model with a random projector does not see the scene
+    projector = model.model.multi_modal_projector
+    saved = {k: v.clone() for k, v in projector.state_dict().items()}
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in projector.parameters():
+                p.normal_(0, 0.02)
+        blind = generate(model, processor, render(SCENE), DESCRIBE_PROMPT)
+    finally:
+        projector.load_state_dict(saved)
+    assert not all_objects_right(SCENE, blind), blind
+
+
+def test_the_apps_examples_are_answered_right_with_the_full_cache(default):
+    model, processor = default
+    examples = json.loads((ROOT / "assets" / "examples" / "examples.json").read_text())
+    assert len(examples) == 4
+    for example in examples:
+        scene = make_scene(example["seed"])
+        image = elastic.load_image(str(ROOT / "assets" / "examples" / example["image"]))
+        answer = generate(model, processor, image, example["prompt"])
+        if example["prompt"] == DESCRIBE_PROMPT:
+            assert example["reference"] == describe(scene)
+            assert all_objects_right(scene, answer), (example["image"], answer)
+        else:
+            assert answer == example["reference"], (example["image"], answer)
