@@ -220,7 +220,6 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
 
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     vision_config = AutoConfig.from_pretrained(args.vision_from).vision_config.to_dict()
