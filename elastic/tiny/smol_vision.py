@@ -75,6 +75,12 @@ def slot_classes(words: list[str], scenes) -> torch.Tensor:
     return torch.tensor([[index[w] for w in slot_words(s)] for s in scenes])
 
 
+def object_mask(scenes) -> torch.Tensor:
+    """``(batch, 81)`` bool: the image tokens whose slot word is an object word (size,
+    colour, shape), the words the questions are about."""
+    return torch.tensor([[w in OBJECT_WORDS for w in slot_words(s)] for s in scenes])
+
+
 def route_targets() -> torch.Tensor:
     """``(81, 82)`` bool: the tower positions (CLS first) image token ``9k + j`` should look
     at in the first routing layer: the 3x3 patches of cell ``k``."""
@@ -148,6 +154,5 @@ def word_accuracy(model, pixel_values, targets: torch.Tensor, scenes) -> tuple[f
     how often a token that should read as an object word (size, colour, shape) does."""
     embed = model.model.language_model.embed_tokens.weight
     nearest = torch.cdist(image_features(model, pixel_values), embed[None]).argmin(-1)
-    is_object = torch.tensor([[w in OBJECT_WORDS for w in slot_words(s)] for s in scenes])
     hit = nearest == targets
-    return hit.float().mean().item(), hit[is_object].float().mean().item()
+    return hit.float().mean().item(), hit[object_mask(scenes)].float().mean().item()

@@ -316,9 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         if (step + 1) % (args.log_every * 5) == 0 or step + 1 == args.read_steps:
             hit = logits.argmax(-1) == classes
-            is_object = torch.tensor([[w in vision.OBJECT_WORDS for w in vision.slot_words(s)] for s in scenes])
             write(f"read step={step + 1} ce={ce.item():.4f} route={route.item():.4f} word_acc={hit.float().mean():.3f} "
-                  f"object_word_acc={hit[is_object].float().mean():.3f} elapsed={time.time() - t0:.0f}s")
+                  f"object_word_acc={hit[vision.object_mask(scenes)].float().mean():.3f} elapsed={time.time() - t0:.0f}s")
         if args.save_every and (step + 1) % (args.save_every * 4) == 0:
             checkpoint("read", step + 1, opt)
     vision_attention._attn_implementation = saved_attention
