@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import CELLS, COLOURS, SHAPES, SIZES
+from .data import BACKGROUNDS, CELLS, COLOURS, SHAPES, SIZES
 from .train import GRID, image_features
 
 ROUTE_LAYERS = 2  # CLIP layers added on top of the tiny LLaVA's four
@@ -57,8 +57,6 @@ def slot_words(scene) -> list[str]:
 
 def slot_vocabulary(tokenizer) -> tuple[list[str], torch.Tensor]:
     """Every word ``slot_words`` can produce, and its SmolLM2 token id (each is one token)."""
-    from .data import BACKGROUNDS
-
     words = sorted({"the", ":", ",", "background", "empty", *OBJECT_WORDS, *BACKGROUNDS,
                     *(w for c in CELLS for w in c.split())})
     ids = []
