@@ -9,7 +9,7 @@
 
 from .budget import check_budget, keep_count
 from .cache import LAYOUTS, PolicyCache, PolicyLayer, PreallocatedLayer, make_cache
-from .methods import METHODS, POLICIES, ElasticPolicy, H2OPolicy, LocalPolicy, Policy, make_policy
+from .policies import METHODS, POLICIES, ElasticPolicy, H2OPolicy, LocalPolicy, Policy, make_policy
 from .scoring import attach, attention_received, is_attached
 from .generation import Generation, build_inputs, generate, load_image, user_message
 from .metrics import perplexity, rouge_l

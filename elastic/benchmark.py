@@ -40,7 +40,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import LAYOUTS, make_cache
-from .methods import METHODS
+from .policies import METHODS
 
 TRANSFORMERS = "DynamicCache"  # the layout name of transformers' own cache in a measurement
 

@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import scoring
-from .methods import Policy, make_policy
+from .policies import Policy, Prefill, make_policy
 from .trace import LayerTrace, Trace
 
 LAYOUTS = ("preallocated", "dynamic")
@@ -47,7 +47,9 @@ class PolicyLayer(DynamicLayer):
     """One decoder layer's K/V, compressed by the cache's policy (the ``"dynamic"`` layout).
 
     ``keys`` / ``values`` ``[B, H_kv, S, D]`` hold the ``S`` entries kept, ``positions``
-    ``[B, S]`` their original positions; slot order is position order in this layout.
+    ``[rows, S]`` their original positions; slot order is position order in this layout.
+    A policy that selects per KV head makes ``rows = B * H_kv``: every (sample, KV head)
+    keeps its own positions (``_rows`` views the K/V that way); otherwise ``rows = B``.
     """
 
     def __init__(self, cache: "PolicyCache", layer_idx: int):
@@ -55,7 +57,8 @@ class PolicyLayer(DynamicLayer):
         self.cache = cache
         self.layer_idx = layer_idx
         self.positions: torch.Tensor | None = None  # [B, S] original position of each slot
-        self.accumulated: torch.Tensor | None = None  # [B, S] attention received so far (H2O)
+        self.accumulated: torch.Tensor | None = None  # [rows, S] per-entry decode score (H2O, TOVA)
+        self.groups = 1  # rows per sample: KV heads for a per-head policy
         self.seen = 0  # tokens fed through this layer
         self.forwards = 0  # forwards completed: 1 after the prefill
         self.prompt_length: int | None = None
@@ -71,11 +74,20 @@ class PolicyLayer(DynamicLayer):
         return self.cache.policy
 
     def capacity(self) -> int:
-        return self.policy.capacity(self.seen, self.prompt_length)
+        return self.policy.capacity(self.seen, self.prompt_length, self.cache.spans)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, S, D]`` as ``[B * G, H / G, S, D]``, one row per selection (a view)."""
+        return x.unflatten(1, (self.groups, x.shape[1] // self.groups)).flatten(0, 1)
+
+    def _unrows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(0, (x.shape[0] // self.groups, self.groups)).flatten(1, 2)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.awaiting_attention:
             raise RuntimeError(_NOT_ATTACHED)
+        if self.prompt_length is not None and self.cache.pending:
+            self.cache.finish_prefill()  # a shared-score prefill whose last layer the hook never named
         n_new = key_states.shape[-2]
         if self.prompt_length is not None and n_new != 1:
             raise ValueError(_NO_CONTINUATION.format(n=n_new))
@@ -89,26 +101,27 @@ class PolicyLayer(DynamicLayer):
         """Store new entries (original positions from ``seen`` on); return the K/V to attend over."""
         n_new = key_states.shape[-2]
         keys, values = DynamicLayer.update(self, key_states, value_states)
-        new = torch.arange(self.seen, self.seen + n_new, device=keys.device).expand(keys.shape[0], -1)
+        rows = keys.shape[0] if self.positions is None else self.positions.shape[0]
+        new = torch.arange(self.seen, self.seen + n_new, device=keys.device).expand(rows, -1)
         self.positions = new if self.positions is None else torch.cat([self.positions, new], dim=1)
         return keys, values
 
     def slot_of_rank(self, rank: int) -> torch.Tensor:
-        """Slot ``[B]`` of each sample's entry with the ``rank``-th smallest original position."""
-        return torch.full((self.keys.shape[0],), rank, dtype=torch.long, device=self.keys.device)
+        """Slot ``[rows]`` of each row's entry with the ``rank``-th smallest original position."""
+        return torch.full((self.positions.shape[0],), rank, dtype=torch.long, device=self.keys.device)
 
-    def after_attention(self, query, key, attention_mask, scaling):
+    def after_attention(self, query, key, attention_mask, scaling, num_layers: int | None = None):
         """Compress now that the layer has attended (called by the attach hook)."""
         self.awaiting_attention = False
         if self.prompt_length is None:
-            self._prefill(query, key, attention_mask, scaling)
+            self._prefill(query, key, attention_mask, scaling, num_layers)
         else:
             self._decode(query, key, scaling)
         self.forwards += 1
-        if self.layer_idx == 0:
+        if self.layer_idx == 0 and self.prompt_entries is not None:
             self.cache.lengths.append(self.get_seq_length())
 
-    def _prefill(self, query, key, attention_mask, scaling):
+    def _prefill(self, query, key, attention_mask, scaling, num_layers=None):
         policy, T, B = self.policy, self.seen, self.keys.shape[0]
         if policy.name != "full" and _has_padding(attention_mask):
             raise ValueError(
@@ -116,8 +129,24 @@ class PolicyLayer(DynamicLayer):
                 "with the padding mask; pass equal-length prompts or one prompt at a time"
             )
         self.prompt_length = T
-        scores = scoring.attention_received(query, key, scaling) if policy.scores_prefill else None
-        group = policy.plan_prefill(scores, T, B, self.keys.device)
+        self.groups = self.keys.shape[1] if policy.per_head else 1
+        scores = policy.score(query, key, scaling) if policy.scores_prefill else None
+        if scores is not None and policy.per_head:
+            scores = scores.flatten(0, 1)  # [B, H_kv, T] -> one row per (sample, KV head)
+        self.prefill_scores = scores
+        if policy.shared_across_layers:  # planned once every layer has its scores
+            self.cache.pending.append(self)
+            if num_layers is not None and self.layer_idx == num_layers - 1:
+                self.cache.finish_prefill()
+            return
+        self._compress(scores)
+
+    def _compress(self, scores: torch.Tensor | None):
+        """Apply the policy's prefill plan for ``scores`` ``[rows, T]``."""
+        policy, B = self.policy, self.keys.shape[0]
+        prompt = Prefill(length=self.prompt_length, rows=B * self.groups, device=self.keys.device,
+                         spans=self.cache.spans, keys=self._rows(self.keys))
+        group = policy.plan_prefill(scores, prompt)
         kept = self._fold(group)
         if policy.scores_decode:
             self.accumulated = scores.gather(1, kept)
@@ -127,48 +156,54 @@ class PolicyLayer(DynamicLayer):
     def _decode(self, query, key, scaling):
         policy = self.policy
         if policy.scores_decode:
-            self._accumulate(scoring.attention_received(query, key, scaling))
+            self._accumulate(policy.decode_score(query, key, scaling))
         while self.get_seq_length() > self.capacity():
             self._drop(policy.decode_victim(self))
 
     def _accumulate(self, received: torch.Tensor):
-        """Add this step's attention ``[B, S]`` (slot order); the new entry starts at 0."""
-        self.accumulated = torch.nn.functional.pad(self.accumulated, (0, 1)) + received
+        """Fold this step's attention ``[rows, S]`` (slot order) into the per-entry score;
+        the new entry starts at 0."""
+        self.accumulated = self.policy.accumulate(torch.nn.functional.pad(self.accumulated, (0, 1)), received)
 
     def _fold(self, group: torch.Tensor) -> torch.Tensor:
         """Replace the prompt's slots by one slot per kept position (mean of what it holds)."""
-        B, H, T, D = self.keys.shape
+        R, T = group.shape
         positions = torch.arange(T, device=self.keys.device)
         is_kept = group == positions
         n_kept = int(is_kept[0].sum())
-        kept = positions.expand(B, T)[is_kept].view(B, n_kept)
+        if not bool((is_kept.sum(dim=1) == n_kept).all()):
+            raise RuntimeError(f"{self.policy.name} kept a different number of entries in different rows")
+        kept = positions.expand(R, T)[is_kept].view(R, n_kept)
+        keys, values = self._rows(self.keys), self._rows(self.values)
+        _, h, _, D = keys.shape
         if n_kept == T:  # nothing merged or evicted (full cache, budget 1.0): no copy at all
             pass
         elif bool(((group == positions) | (group < 0)).all()):  # nothing merged: a gather
-            index = kept[:, None, :, None].expand(B, H, n_kept, D)
-            self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
+            index = kept[:, None, :, None].expand(R, h, n_kept, D)
+            self.keys, self.values = self._unrows(keys.gather(2, index)), self._unrows(values.gather(2, index))
         else:
             slot = torch.searchsorted(kept, group.clamp(min=0).contiguous())
             slot = torch.where(group >= 0, slot, n_kept)  # evicted tokens go to a spare slot
-            self.keys, self.values = (_group_mean(x, slot, n_kept) for x in (self.keys, self.values))
+            self.keys, self.values = (self._unrows(_group_mean(x, slot, n_kept)) for x in (keys, values))
         self.positions = kept
         return kept
 
     def _drop(self, slot: torch.Tensor):
-        """Remove slot ``slot[b]`` of every sample ``b``."""
-        B, H, S, D = self.keys.shape
-        rest = torch.arange(S - 1, device=slot.device).expand(B, -1)
+        """Remove slot ``slot[r]`` of every row ``r``."""
+        R, S = self.positions.shape
+        rest = torch.arange(S - 1, device=slot.device).expand(R, -1)
         rest = rest + (rest >= slot[:, None])
         self.evicted.append((self.forwards, self.positions.gather(1, slot[:, None])[:, 0]))
-        if B == 1 or bool((slot == slot[0]).all()):
+        if R == 1 or bool((slot == slot[0]).all()):
             # The common case (a fixed point, a sink window, batch 1): two slices copy half
             # the bytes of a gather, which also reads an int64 index as large as the cache.
             s = int(slot[0])
             self.keys, self.values = (torch.cat([x[:, :, :s], x[:, :, s + 1:]], dim=2)
                                       for x in (self.keys, self.values))
         else:
-            index = rest[:, None, :, None].expand(B, H, S - 1, D)
-            self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
+            keys, values = self._rows(self.keys), self._rows(self.values)
+            index = rest[:, None, :, None].expand(R, keys.shape[1], S - 1, keys.shape[3])
+            self.keys, self.values = self._unrows(keys.gather(2, index)), self._unrows(values.gather(2, index))
         self.positions = self.positions.gather(1, rest)
         if self.accumulated is not None:
             self.accumulated = self.accumulated.gather(1, rest)
@@ -208,13 +243,13 @@ class PreallocatedLayer(PolicyLayer):
         """Entries the buffers can hold (0 before the prefill)."""
         return 0 if self.buffers is None else self.buffers["keys"].shape[2]
 
-    def _prefill(self, query, key, attention_mask, scaling):
-        super()._prefill(query, key, attention_mask, scaling)
+    def _compress(self, scores):
+        super()._compress(scores)
         self._allocate()
 
     def _allocate(self):
         """(Re)allocate the buffers for ``reserve`` more tokens and copy the entries in."""
-        slots = self.policy.capacity(self.seen + self.reserve, self.prompt_length) + 1
+        slots = self.policy.capacity(self.seen + self.reserve, self.prompt_length, self.cache.spans) + 1
         live = {"keys": self.keys, "values": self.values, "positions": self.positions,
                 "accumulated": self.accumulated}
         self.buffers = {}
@@ -252,19 +287,20 @@ class PreallocatedLayer(PolicyLayer):
         return self.keys, self.values
 
     def _accumulate(self, received):
-        self.accumulated += received  # in place: the new slot was zeroed by _append
+        # In place (the new slot was zeroed by _append): the buffer stays the storage.
+        self.accumulated.copy_(self.policy.accumulate(self.accumulated, received))
 
     def slot_of_rank(self, rank):
         return self.positions.kthvalue(rank + 1, dim=1).indices
 
     def _drop(self, slot):
-        """Evict slot ``slot[b]`` of every sample ``b``: the last entry moves into it."""
-        B, H, S, D = self.keys.shape
+        """Evict slot ``slot[r]`` of every row ``r``: the last entry moves into it."""
+        R, S = self.positions.shape
         self.evicted.append((self.forwards, self.positions.gather(1, slot[:, None])[:, 0]))
-        # Scatter, not slicing: samples may evict different slots, and no sync is needed.
+        # Scatter, not slicing: rows may evict different slots, and no sync is needed.
         # The one-entry source is cloned because the victim may be the last slot itself.
-        for x in (self.keys, self.values):
-            index = slot.view(B, 1, 1, 1).expand(B, x.shape[1], 1, x.shape[3])
+        for x in (self._rows(self.keys), self._rows(self.values)):  # views of the buffers
+            index = slot.view(R, 1, 1, 1).expand(R, x.shape[1], 1, x.shape[3])
             x.scatter_(2, index, x[:, :, S - 1:S].clone())
         for x in (self.positions, self.accumulated):
             if x is not None:
@@ -292,7 +328,7 @@ def _has_padding(mask) -> bool:
 
 
 class PolicyCache(Cache):
-    """A transformers cache whose layers follow one :class:`~elastic.methods.Policy`.
+    """A transformers cache whose layers follow one :class:`~elastic.policies.Policy`.
 
     Layers are created lazily, one per decoder layer, on the first forward. After
     generating, :attr:`trace` tells what the cache did and :meth:`kv_bytes` what it holds.
@@ -308,6 +344,24 @@ class PolicyCache(Cache):
         self.layout, self.reserve = layout, int(reserve)
         self.lengths: list[int] = []
         self.annotations: dict = {}
+        self.pending: list[PolicyLayer] = []  # prefilled layers waiting for a shared score
+
+    @property
+    def spans(self) -> dict | None:
+        """Token-type spans of the prompt, if annotated (policies that protect the instruction need them)."""
+        return self.annotations.get("spans")
+
+    def finish_prefill(self) -> None:
+        """Plan the prefill of every waiting layer with one score: the mean of their scores."""
+        layers, self.pending = self.pending, []
+        if not layers:
+            return
+        scores = [layer.prefill_scores for layer in layers]
+        shared = None if scores[0] is None else torch.stack(scores).mean(dim=0)
+        for layer in layers:
+            layer._compress(shared)
+        if not self.lengths:
+            self.lengths.append(layers[0].get_seq_length())
 
     def _new_layer(self) -> PolicyLayer:
         if self.layout == "dynamic":
@@ -355,12 +409,17 @@ class PolicyCache(Cache):
 
     @property
     def traces(self) -> list[Trace]:
-        """One :class:`~elastic.trace.Trace` per sequence in the batch."""
+        """One :class:`~elastic.trace.Trace` per sequence in the batch.
+
+        For a policy that selects per KV head, each is KV head 0's trace, and its ``heads``
+        holds one trace per KV head.
+        """
+        self.finish_prefill()  # a shared-score prefill not yet planned (no decode step ran)
         layers = [layer for layer in self.layers if layer.prompt_length is not None]
         if not layers:
             raise RuntimeError("the cache has not seen a prompt yet: run generate() with it first")
         first, policy = layers[0], self.policy
-        T, batch = first.prompt_length, first.keys.shape[0]
+        T, batch, G = first.prompt_length, first.keys.shape[0], first.groups
         per_entry = self.kv_bytes() // max(1, first.get_seq_length() * batch)
 
         def numpy(t):
@@ -373,34 +432,45 @@ class PolicyCache(Cache):
             for layer in layers
             for step, positions in ((s, numpy(p)) for s, p in layer.evicted)
         ]
-        traces = []
-        for b in range(batch):
-            evictions = np.array([(s, l, p[b]) for s, l, p in rows], dtype=np.int64).reshape(-1, 3)
+        decode_rule = getattr(policy, "decode", "fixed-point")
+
+        def trace_of(row: int, head: int | None) -> Trace:
+            evictions = np.array([(s, l, p[row]) for s, l, p in rows], dtype=np.int64).reshape(-1, 3)
             layer_traces = [
                 LayerTrace(
-                    scores=None if s is None else s[b],
-                    kept=np.flatnonzero(g[b] == np.arange(T)),
-                    group=g[b].astype(np.int64),
+                    scores=None if s is None else s[row],
+                    kept=np.flatnonzero(g[row] == np.arange(T)),
+                    group=g[row].astype(np.int64),
                 )
                 for s, g in zip(scores, groups)
             ]
-            traces.append(
-                Trace(
-                    method=policy.name,
-                    budget=policy.budget,
-                    start_size=policy.start_size,
-                    distance=getattr(policy, "distance", None),
-                    prompt_length=T,
-                    protected=np.array(policy.protected(T), dtype=np.int64),
-                    layers=layer_traces,
-                    evictions=evictions[np.lexsort((evictions[:, 2], evictions[:, 1], evictions[:, 0]))],
-                    lengths=list(self.lengths),
-                    tokens_seen=first.seen,
-                    fixed_point=policy.fixed_point(first.prompt_entries) if hasattr(policy, "fixed_point") else None,
-                    bytes_per_entry=int(per_entry),
-                    **self.annotations,
-                )
+            return Trace(
+                method=policy.name,
+                budget=policy.budget,
+                start_size=policy.start_size,
+                distance=getattr(policy, "distance", None),
+                prompt_length=T,
+                protected=np.array(policy.protected(T, self.spans), dtype=np.int64),
+                layers=layer_traces,
+                evictions=evictions[np.lexsort((evictions[:, 2], evictions[:, 1], evictions[:, 0]))],
+                lengths=list(self.lengths),
+                tokens_seen=first.seen,
+                fixed_point=policy.fixed_point(first.prompt_entries)
+                if hasattr(policy, "fixed_point") and decode_rule == "fixed-point" else None,
+                bytes_per_entry=int(per_entry),
+                options=policy.options(),
+                head=head,
+                **self.annotations,
             )
+
+        traces = []
+        for b in range(batch):
+            if G == 1:
+                traces.append(trace_of(b, None))
+            else:
+                heads = [trace_of(b * G + h, h) for h in range(G)]
+                heads[0].heads = heads
+                traces.append(heads[0])
         return traces
 
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import datasets
 from .cache import make_cache
-from .methods import METHODS
+from .policies import METHODS
 from .metrics import perplexity, rouge_l
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -205,11 +205,13 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         )
     warnings = []
     policy = cache.policy
-    if math.ceil(policy.budget * T) < policy.min_entries(T):
+    spans = annotations["spans"]
+    if math.ceil(policy.budget * T) < policy.min_entries(T, spans):
         warnings.append(
-            f"budget {policy.budget:g} keeps fewer than the {policy.min_entries(T)} entries {method} needs "
-            f"(protected tokens plus one); kept {keep_count(policy.budget, T, policy.min_entries(T))} instead"
+            f"budget {policy.budget:g} keeps fewer than the {policy.min_entries(T, spans)} entries {method} needs "
+            f"(protected tokens plus one); kept {keep_count(policy.budget, T, policy.min_entries(T, spans))} instead"
         )
+    cache.annotate(**annotations)  # before the prefill: a policy may protect a span
     clock = _Clock(model)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)

@@ -24,23 +24,27 @@ _PREFIX = "elastic_"
 
 
 def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | None = None,
-                       chunk: int = 128) -> torch.Tensor:
+                       chunk: int = 128, weights: torch.Tensor | None = None,
+                       per_head: bool = False) -> torch.Tensor:
     """Attention each key receives, summed over the queries and averaged over query heads.
 
     Softmax of ``scaling * q k^T`` with a causal mask that aligns the ``q`` queries with the
-    last ``q`` keys (a prefill of the whole prompt, or one decode step). Computed ``chunk``
-    queries at a time in float32 against only the keys they can see (about half the work of
-    the full square for a prefill), so the extra memory is ``B * heads * chunk * S`` floats.
+    last ``q`` keys (a prefill of the whole prompt, its last few queries, or one decode
+    step). Computed ``chunk`` queries at a time in float32 against only the keys they can
+    see (about half the work of the full square for a prefill), so the extra memory is
+    ``B * heads * chunk * S`` floats.
 
     Parameters
     ----------
     query : ``[B, H, q, D]``, after RoPE.
     key : ``[B, H_kv, S, D]``, after RoPE; GQA heads are shared by ``H / H_kv`` queries.
     scaling : softmax scale, default ``D ** -0.5``.
+    weights : optional ``[q]`` weight of each query's row in the sum (default all 1).
+    per_head : return one score per KV head (mean over the query heads that share it).
 
     Returns
     -------
-    ``[B, S]`` float32.
+    ``[B, S]`` float32, or ``[B, H_kv, S]`` with ``per_head``.
     """
     B, H, q, D = query.shape
     S, H_kv = key.shape[-2], key.shape[1]
@@ -49,7 +53,7 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | 
     key = key.float()
     query = query.float().view(B, H_kv, groups, q, D)
     offset = S - q  # query i sits at key index offset + i
-    received = torch.zeros(B, S, dtype=torch.float32, device=query.device)
+    received = torch.zeros(B, H_kv, S, dtype=torch.float32, device=query.device)
     cols = torch.arange(S, device=query.device)
     for start in range(0, q, chunk):
         stop = min(q, start + chunk)
@@ -58,8 +62,11 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | 
         rows = torch.arange(offset + start, end, device=query.device)
         future = cols[None, :end] > rows[:, None]  # [chunk, end]
         logits.masked_fill_(future, float("-inf"))
-        received[:, :end] += logits.softmax(dim=-1).sum(dim=(1, 2, 3))
-    return received / H
+        probs = logits.softmax(dim=-1)
+        if weights is not None:
+            probs = probs * weights[start:stop].to(probs)[:, None]
+        received[:, :, :end] += probs.sum(dim=(2, 3))
+    return received / groups if per_head else received.sum(dim=1) / H
 
 
 def _wrap(base_fn):
@@ -68,7 +75,9 @@ def _wrap(base_fn):
         layer = getattr(_waiting, "layer", None)
         if layer is not None and layer.layer_idx == getattr(module, "layer_idx", None):
             _waiting.layer = None
-            layer.after_attention(query, key, attention_mask, kwargs.get("scaling"))
+            config = getattr(module, "config", None)
+            layer.after_attention(query, key, attention_mask, kwargs.get("scaling"),
+                                  getattr(config, "num_hidden_layers", None))
         return out
 
     elastic_attention.__name__ = f"{_PREFIX}{getattr(base_fn, '__name__', 'attention')}"

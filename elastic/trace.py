@@ -84,6 +84,13 @@ class Trace:
         ``(rows, cols)`` of image patches when the ``image`` span maps to a patch grid.
     tokens : list[str] or None
         Text of every position (prompt and generated) for hover labels.
+    options : dict
+        Every parameter of the policy that ran (which variant: e.g. Elastic's
+        ``importance``, ``scope``, ``prefill``, ``decode``, ``protect``).
+    head : int or None
+        For a policy that selects per KV head, the KV head this trace describes.
+    heads : list[Trace] or None
+        For such a policy, one trace per KV head (``heads[0]`` is this trace).
     """
 
     method: str
@@ -101,6 +108,22 @@ class Trace:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     image_grid: tuple[int, int] | None = None
     tokens: list[str] | None = None
+    options: dict = field(default_factory=dict)
+    head: int | None = None
+    heads: list["Trace"] | None = field(default=None, repr=False)
+
+    @property
+    def per_head(self) -> bool:
+        """True if every KV head kept its own entries (see :attr:`heads`)."""
+        return self.heads is not None
+
+    def of_head(self, head: int) -> "Trace":
+        """The trace of KV head ``head`` (this trace itself when the policy does not select per head)."""
+        if self.heads is None:
+            return self
+        if not 0 <= head < len(self.heads):
+            raise ValueError(f"head must be in [0, {len(self.heads) - 1}], got {head}")
+        return self.heads[head]
 
     @property
     def num_layers(self) -> int:

@@ -16,7 +16,7 @@ from tiny import tiny_llava
 
 BUDGETS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 CASES = [("full", 1.0)] + [(m, b) for m in elastic.METHODS if m != "full" for b in BUDGETS]
-MINIMUM = {"elastic": 3, "local": 2, "h2o": 1, "full": 1}  # protected entries + 1 (start_size 1)
+MINIMUM = {"elastic": 3, "local": 2, "h2o": 1, "snapkv": 1, "tova": 1, "full": 1}  # protected entries + 1 (start_size 1)
 
 
 def prompts(T=40, batch=2, seed=0):
@@ -61,9 +61,10 @@ def test_layouts_generate_the_same_tokens_and_traces(llama, method, budget, seed
     for a, b in zip(dynamic.layers, prealloc.layers):  # the same entries, in some slot order
         order = b.positions.argsort(dim=1)
         assert torch.equal(b.positions.gather(1, order), a.positions)
-        index = order[:, None, :, None].expand_as(b.keys)
-        torch.testing.assert_close(b.keys.gather(2, index), a.keys, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(b.values.gather(2, index), a.values, rtol=1e-5, atol=1e-6)
+        bk, bv = b._rows(b.keys), b._rows(b.values)  # one row per (sample, KV head) if per head
+        index = order[:, None, :, None].expand_as(bk)
+        torch.testing.assert_close(bk.gather(2, index), a._rows(a.keys), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bv.gather(2, index), a._rows(a.values), rtol=1e-5, atol=1e-6)
 
 
 def test_the_window_is_a_ring(llama):
@@ -157,3 +158,19 @@ def test_buffers_are_sized_from_the_budget_rule(llama):
 def test_bad_layout_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         elastic.make_cache("elastic", **kwargs)
+
+
+@pytest.mark.parametrize("options", [
+    dict(scope="head"), dict(scope="shared"), dict(prefill="kmeans"), dict(decode="lowest-frequency"),
+    dict(decode="recent", importance="uniform"),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_elastic_variants_agree_across_layouts(llama, options):
+    """Batch 2, so per-head rows and per-sample victims differ inside one batch."""
+    T, n = 40, 20
+    ids = prompts(T, seed=2)
+    caches = [elastic.make_cache("elastic", budget=0.3, distance=-5, layout=layout, reserve=4, **options)
+              for layout in elastic.LAYOUTS]
+    outs = [generate(llama, ids, c, n) for c in caches]
+    assert torch.equal(outs[0], outs[1])
+    assert_same_traces(*caches)
+    assert caches[0].lengths == [exact_keep(0.3, T + s, MINIMUM["elastic"]) for s in range(n)]
