@@ -3,6 +3,7 @@
     python -m elastic.evaluate                                   # shipped model, synthetic scenes
     python -m elastic.evaluate --methods elastic,h2o --budgets 0.2 0.5 --samples 20 --out runs/eval
     python -m elastic.evaluate --model llava-hf/llava-1.5-7b-hf --data mm-vet.json --image-dir images/
+    python -m elastic.evaluate --ablation paper                  # the paper's ablation table, budget 0.5
 
 The paper's protocol (SPEC 1d):
 
@@ -59,10 +60,15 @@ def prepare(model, processor, sample: datasets.Sample) -> tuple[dict, torch.Tens
     answer (so the first one carries the same leading space as in training), up to and
     including the first end-of-sequence token.
     """
+    return _prepare(model, processor, sample)[:2]
+
+
+def _prepare(model, processor, sample: datasets.Sample) -> tuple[dict, torch.Tensor, dict]:
+    """:func:`prepare` plus the prompt's annotations (spans: a policy may protect one)."""
     from .generation import build_inputs, tokenize_chat_text
 
     image = sample.load_image()
-    prompt, _ = build_inputs(model, processor, sample.messages, image)
+    prompt, annotations = build_inputs(model, processor, sample.messages, image)
     text = processor.apply_chat_template(sample.with_answer(), tokenize=False, add_generation_prompt=False)
     full = tokenize_chat_text(model, processor, text, image)["input_ids"][0]
     ids = prompt["input_ids"][0]
@@ -80,7 +86,7 @@ def prepare(model, processor, sample: datasets.Sample) -> tuple[dict, torch.Tens
         answer = answer[: stops[0] + 1]
     if len(answer) == 0:
         raise ValueError(f"sample {sample.id}: the reference answer has no tokens")
-    return prompt, answer
+    return prompt, answer, annotations
 
 
 # ---------------------------------------------------------------- PPL
@@ -139,8 +145,9 @@ def evaluate_pair(model, processor, samples, method: str, budget: float, referen
 
     rows, start = [], time.perf_counter()
     for k, sample in enumerate(samples):
-        inputs, answer = prepare(model, processor, sample)  # per pair: cheap, and no inputs held
+        inputs, answer, annotations = _prepare(model, processor, sample)  # per pair: cheap, no inputs held
         cache = make_cache(method, budget=budget, **params)
+        cache.annotate(spans=annotations["spans"])
         nll, n = teacher_forced_nll(model, inputs, answer, cache)
         kept = cache.lengths[-1] / (inputs["input_ids"].shape[1] + n - 1)
         text = generate(model, processor, sample.load_image(), sample.messages, method=method, budget=budget,
@@ -184,8 +191,8 @@ def _fingerprint(model, model_name: str, data: str, samples, params: dict, max_n
             "sample_ids": ids, "max_new_tokens": max_new_tokens, **params}
 
 
-def _part_path(out: Path, method: str, budget: float) -> Path:
-    return out / "parts" / f"{method}-{budget:.3f}.json"
+def _part_path(out: Path, name: str, budget: float) -> Path:
+    return out / "parts" / f"{name}-{budget:.3f}.json"
 
 
 def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out=None, model_name="model",
@@ -197,40 +204,56 @@ def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out
     comes first in the returned records. With ``out`` each pair is saved as it finishes
     and, with ``resume``, pairs already saved under the same settings are not recomputed.
     """
-    params = {"start_size": start_size, "distance": distance}
-    fingerprint = _fingerprint(model, model_name, data, samples, params, max_new_tokens)
-    pairs = [("full", 1.0)] + [(m, float(b)) for m in methods if m != "full" for b in budgets]
-    unknown = sorted({m for m, _ in pairs} - set(METHODS))
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    out = Path(out) if out is not None else None
-    done = {}
-    if out is not None and resume:
-        for method, budget in pairs:
-            path = _part_path(out, method, budget)
-            if path.is_file():
-                part = json.loads(path.read_text())
-                if part.get("config") == fingerprint:
-                    done[(method, budget)] = part
-    todo = [p for p in pairs if p not in done]
-    bar = tqdm(total=len(todo) * len(samples), desc="evaluate", unit="sample", disable=not progress)
-    references = [r["text"] for r in done[("full", 1.0)]["samples"]] if ("full", 1.0) in done else None
-    for method, budget in todo:
-        bar.set_postfix_str(f"{method} {budget:g}")
-        part = evaluate_pair(model, processor, samples, method, budget, references, params, max_new_tokens, bar)
-        part["config"] = fingerprint
-        if method == "full":
-            references = [r["text"] for r in part["samples"]]
-        done[(method, budget)] = part
-        if out is not None:
-            path = _part_path(out, method, budget)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(part, indent=1) + "\n")
-    bar.close()
-    records = [done[p]["record"] for p in pairs]
+    variants = [(m, m, float(b), {}) for m in methods if m != "full" for b in budgets]
+    parts = run_variants(model, processor, samples, variants, out, model_name, data, max_new_tokens,
+                         {"start_size": start_size, "distance": distance}, resume, progress)
+    records = [part["record"] for part in parts]
     if out is not None:
         write_outputs(records, out)
     return records
+
+
+def run_variants(model, processor, samples, variants, out=None, model_name="model", data="synthetic",
+                 max_new_tokens: int = 160, params: dict | None = None, resume: bool = True,
+                 progress: bool = True) -> list[dict]:
+    """Evaluate ``variants``, ``(name, method, budget, options)`` tuples, after the full cache.
+
+    ``params`` go to every policy, ``options`` to one variant's. Returns the parts (record
+    and per-sample rows), full cache first; saved and resumed under ``out/parts/NAME-BUDGET.json``.
+    """
+    params = dict(params or {"start_size": 1, "distance": -25})
+    fingerprint = _fingerprint(model, model_name, data, samples, params, max_new_tokens)
+    variants = [("full", "full", 1.0, {})] + [v for v in variants if v[0] != "full"]
+    out = Path(out) if out is not None else None
+    done = {}
+    for name, method, budget, options in variants:
+        path = _part_path(out, name, budget) if out is not None else None
+        if resume and path is not None and path.is_file():
+            part = json.loads(path.read_text())
+            if part.get("config") == fingerprint and part["record"].get("options", {}) == options:
+                done[(name, budget)] = part
+    todo = [v for v in variants if (v[0], v[2]) not in done]
+    bar = tqdm(total=len(todo) * len(samples), desc="evaluate", unit="sample", disable=not progress)
+    references = [r["text"] for r in done[("full", 1.0)]["samples"]] if ("full", 1.0) in done else None
+    for name, method, budget, options in todo:
+        bar.set_postfix_str(f"{name} {budget:g}")
+        part = evaluate_pair(model, processor, samples, method, budget, references, {**params, **options},
+                             max_new_tokens, bar)
+        part["config"] = fingerprint
+        if options:
+            part["record"].update(variant=name, options=options)
+        if method == "full":
+            references = [r["text"] for r in part["samples"]]
+        done[(name, budget)] = part
+        if out is not None:
+            path = _part_path(out, name, budget)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(part, indent=1) + "\n")
+    bar.close()
+    return [done[(v[0], v[2])] for v in variants]
 
 
 # ---------------------------------------------------------------- outputs
@@ -316,13 +339,18 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="local path, hub id, scene-smollm2 (the default) or tiny-llava")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
-    ap.add_argument("--budgets", nargs="+", default=[",".join(map(str, DEFAULT_BUDGETS))],
-                    help="KV budgets in (0, 1], space- or comma-separated (default 0.1 ... 0.9)")
+    ap.add_argument("--budgets", nargs="+", default=None,
+                    help="KV budgets in (0, 1], space- or comma-separated (default 0.1 ... 0.9; "
+                         "with --ablation one budget, default 0.5)")
+    ap.add_argument("--ablation", default=None, choices=("paper", "beyond", "all"),
+                    help="instead of the method grid: Elastic with one option changed at a time "
+                         "(paper: the paper's ablation table; beyond: our variants and the peers; all: both)")
     ap.add_argument("--samples", type=int, default=None, help="first N samples (synthetic default: 50)")
     ap.add_argument("--data", default="synthetic",
                     help="synthetic (descriptions), synthetic-qa, or a JSON file (MM-Vet or LLaVA format)")
     ap.add_argument("--image-dir", default=None, help="folder of the JSON file's images (default: beside it)")
-    ap.add_argument("--out", default="runs/eval", help="output folder (parts are resumed from it)")
+    ap.add_argument("--out", default=None, help="output folder, parts are resumed from it "
+                                                "(default runs/eval, or runs/ablation-NAME)")
     ap.add_argument("--max-new-tokens", type=int, default=160, help="greedy generation length for ROUGE-L")
     ap.add_argument("--start-size", type=int, default=1)
     ap.add_argument("--distance", type=int, default=-25)
@@ -336,15 +364,29 @@ def main(argv=None) -> list[dict]:
     from .models import DEFAULT_MODEL, load_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    budgets = _floats(args.budgets)
+    budgets = _floats(args.budgets) if args.budgets else None
+    if args.ablation and budgets and len(budgets) != 1:
+        raise SystemExit("--ablation runs at one budget: pass a single --budgets value")
     samples = datasets.load(args.data, args.image_dir, args.samples)
     model, processor = load_model(args.model, device=args.device)
     name = args.model or DEFAULT_MODEL
-    records = run(model, processor, samples, methods, budgets, out=args.out, model_name=name, data=args.data,
-                  max_new_tokens=args.max_new_tokens, start_size=args.start_size, distance=args.distance,
-                  resume=not args.fresh)
+    if args.ablation:
+        from . import ablation
+
+        out = args.out or f"runs/ablation-{args.ablation}"
+        parts = run_variants(model, processor, samples, ablation.variants(args.ablation, (budgets or [0.5])[0]),
+                             out, name, args.data, args.max_new_tokens,
+                             {"start_size": args.start_size, "distance": args.distance}, resume=not args.fresh)
+        rows = ablation.table(parts, args.ablation)
+        print(ablation.markdown(rows))
+        print(f"wrote {ablation.write(rows, out)} and ablation.json")
+        return rows
+    out = args.out or "runs/eval"
+    records = run(model, processor, samples, methods, budgets or DEFAULT_BUDGETS, out=out, model_name=name,
+                  data=args.data, max_new_tokens=args.max_new_tokens, start_size=args.start_size,
+                  distance=args.distance, resume=not args.fresh)
     print(markdown_table(records))
-    print(f"wrote {args.out}/results.json, results.csv, figure.html")
+    print(f"wrote {out}/results.json, results.csv, figure.html")
     return records
 
 

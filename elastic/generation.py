@@ -64,7 +64,8 @@ def build_inputs(model, processor, messages: list[dict], image=None) -> tuple[di
     """Tokenise a chat (transformers message format) with the model's chat template.
 
     Returns the model inputs (on the model's device) and the prompt annotations for the
-    trace: ``spans`` (system / image / instruction) and ``image_grid``.
+    trace: ``spans`` (system / image / instruction, and ``history`` for the earlier turns
+    of a multi-turn chat: the instruction is then the last user turn) and ``image_grid``.
     """
     has_image_block = any(
         isinstance(m.get("content"), list) and any(b.get("type") == "image" for b in m["content"]) for m in messages
@@ -75,7 +76,35 @@ def build_inputs(model, processor, messages: list[dict], image=None) -> tuple[di
         raise ValueError("a message has an image block but no image was given")
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = tokenize_chat_text(model, processor, text, image)
-    return inputs, prompt_annotations(model, inputs)
+    annotations = prompt_annotations(model, inputs)
+    history = _history_length(model, processor, messages, image, inputs["input_ids"][0])
+    if history:  # a multi-turn chat: earlier turns are history, the last user turn the instruction
+        annotations["spans"] = split_history(annotations["spans"], history)
+    return inputs, annotations
+
+
+def _history_length(model, processor, messages, image, ids) -> int | None:
+    """Tokens before the last user message (None for a single turn, or a template whose
+    earlier turns are not a prefix of the whole chat)."""
+    if len(messages) < 2 or messages[-1].get("role") != "user":
+        return None
+    earlier = messages[:-1]
+    with_image = any(isinstance(m.get("content"), list) and any(b.get("type") == "image" for b in m["content"])
+                     for m in earlier)
+    text = processor.apply_chat_template(earlier, add_generation_prompt=False, tokenize=False)
+    prefix = tokenize_chat_text(model, processor, text, image if with_image else None)["input_ids"][0]
+    n = len(prefix)
+    return n if 0 < n < len(ids) and bool((ids[:n] == prefix).all()) else None
+
+
+def split_history(spans: dict, history: int) -> dict:
+    """Spans with everything from ``history`` on as ``instruction`` and the text between the
+    image (or the start) and ``history`` as ``history``."""
+    start, end = spans["instruction"]
+    if not start < history < end:
+        return spans
+    return {**{k: v for k, v in spans.items() if k != "instruction"},
+            "history": (start, history), "instruction": (history, end)}
 
 
 def tokenize_chat_text(model, processor, text: str, image=None) -> dict:

@@ -44,7 +44,7 @@ def protected_of(method, T, start_size, protect="none", protect_last=8, spans=No
         if protect == "last":
             extra = list(range(max(0, T - protect_last), T))
         elif protect == "instruction":
-            a, b = spans.get("last_turn", spans.get("instruction"))
+            a, b = spans["instruction"]
             extra = list(range(a, b))
         last = [T - 1] if T - 1 >= len(sinks) else []
         return sorted(set(sinks) | set(extra) | set(last))

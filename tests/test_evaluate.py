@@ -240,3 +240,44 @@ def test_cli_arguments():
     assert evaluate._floats(args.budgets) == [0.2, 0.5, 0.8]
     assert evaluate._floats(evaluate.parse_args([]).budgets) == list(evaluate.DEFAULT_BUDGETS)
     assert math.isclose(evaluate.parse_args([]).distance, -25)
+
+
+# ---------------------------------------------------------------- ablation
+
+def test_paired_bootstrap_against_hand_cases():
+    from elastic.ablation import paired_bootstrap
+
+    base = [{"id": str(i), "nll": 2.0 + i, "tokens": 4 + i, "rouge_l": 0.1 * i} for i in range(6)]
+    same = paired_bootstrap(base, base)
+    assert same == {"ppl_diff_ci": [0.0, 0.0], "rouge_l_diff_ci": [0.0, 0.0]}
+    shifted = [{**r, "rouge_l": r["rouge_l"] + 0.25} for r in base]  # every sample 0.25 better
+    assert paired_bootstrap(base, shifted)["rouge_l_diff_ci"] == pytest.approx([0.25, 0.25])
+    doubled = [{**r, "nll": r["nll"] + r["tokens"] * math.log(2)} for r in base]  # PPL x2 on any resample
+    lo, hi = paired_bootstrap(base, doubled)["ppl_diff_ci"]
+    ppls = [math.exp(r["nll"] / r["tokens"]) for r in base]
+    assert min(ppls) - 1e-9 <= lo <= hi <= max(ppls) + 1e-9 and lo > 0
+    with pytest.raises(ValueError, match="same samples"):
+        paired_bootstrap(base, base[::-1])
+
+
+def test_ablation_table_runs_every_variant(llava, tmp_path):
+    from elastic import ablation
+
+    model, processor = llava
+    samples = _samples()[:2]
+    parts = evaluate.run_variants(model, processor, samples, ablation.variants("paper"), tmp_path,
+                                  max_new_tokens=4, progress=False)
+    rows = ablation.table(parts, "paper")
+    assert [r["variant"] for r in rows] == ["full"] + [v[0] for v in ablation.PAPER]
+    plain = evaluate.run(model, processor, samples, methods=("elastic",), budgets=(0.5,), max_new_tokens=4,
+                         progress=False)[1]
+    by = {r["variant"]: r for r in rows}
+    assert by["elastic"]["ppl"] == pytest.approx(plain["ppl"])  # the default variant is plain Elastic
+    for r in rows[2:]:
+        assert r["options"] and r["kv_kept"] == pytest.approx(by["elastic"]["kv_kept"])  # same budget rule
+        assert r["ppl_diff"] == pytest.approx(r["ppl"] - by["elastic"]["ppl"])
+        assert r["ppl_diff_ci"][0] <= r["ppl_diff_ci"][1]
+    saved = json.loads((tmp_path / "parts" / "scope-head-0.500.json").read_text())
+    assert saved["record"]["options"] == {"scope": "head"}
+    text = ablation.markdown(rows)
+    assert all(f"| {v[0]} |" in text for v in ablation.PAPER) and "3.60" in text

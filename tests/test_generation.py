@@ -66,6 +66,28 @@ def test_chat_history_and_image_path(llava, tmp_path):
                 elastic.user_message("what shape ?", False)]
     result = elastic.generate(model, processor, str(path), messages, method="h2o", budget=0.5, max_new_tokens=4)
     assert result.trace.prompt_length > len(processor.tokenizer("USER : what shape ?")["input_ids"]) + 16
+    # Earlier turns are "history"; the instruction is the last user turn plus the generation prompt.
+    tokens, spans = result.trace.tokens, result.trace.spans
+    last = [t.strip() for t in tokens[slice(*spans["instruction"])]]
+    assert last == "USER : what shape ? ASSISTANT :".split()
+    assert [t.strip() for t in tokens[slice(*spans["history"])]] == "what is the colour ? ASSISTANT : green . </s>".split()
+    assert spans["image"][1] == spans["history"][0] and spans["history"][1] == spans["instruction"][0]
+
+
+def test_protect_instruction_keeps_the_last_turn_unmerged(llava):
+    model, processor = llava
+    messages = [elastic.user_message("what is the colour ?", True),
+                {"role": "assistant", "content": [{"type": "text", "text": "green ."}]},
+                elastic.user_message("what shape is in the image ?", False)]
+    result = elastic.generate(model, processor, Image.new("RGB", (32, 32), "red"), messages, method="elastic",
+                              budget=0.5, protect="instruction", max_new_tokens=3)
+    trace = result.trace
+    start, end = trace.spans["instruction"]
+    assert set(range(start, end)) <= set(trace.protected.tolist())
+    for layer in trace.layers:  # kept as themselves, and nothing else folded into them
+        assert set(range(start, end)) <= set(layer.kept.tolist())
+        assert all(layer.group_sizes()[p] == 1 for p in range(start, end))
+    assert trace.options["protect"] == "instruction"
 
 
 def test_bad_input_is_refused_clearly(llava, tmp_path):

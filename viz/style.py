@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 SPAN_COLOURS = {
     "system": "#9e9e9e",
     "image": "#2a9d8f",
+    "history": "#c08552",  # earlier turns of a multi-turn chat
     "instruction": "#e76f51",
     "text": "#c9c9c9",
     "generated": "#4d4d4d",  # dark grey: no merge-group colour looks like it

@@ -61,9 +61,9 @@ class ElasticPolicy(Policy):
         Decode-time victim: the entry at N_tl (paper); the newest entry; or the entry
         with the lowest attention accumulated since the prefill (sinks excepted).
     protect : {"none", "instruction", "last"}, default "none"
-        Also keep, unmerged, the last user turn ("instruction": the ``last_turn`` span, or
-        the ``instruction`` span of a single-turn prompt) or the last ``protect_last``
-        prompt tokens (ours). Protected tokens count against the budget.
+        Also keep, unmerged, the last user turn ("instruction": the trace's
+        ``instruction`` span, which :func:`elastic.generate` fills) or the last
+        ``protect_last`` prompt tokens (ours). Protected tokens count against the budget.
     protect_last : int, default 8
     ema_decay : float, default 0.9
     """
@@ -183,19 +183,20 @@ class ElasticPolicy(Policy):
 
 
 def instruction_span(spans: dict | None, prompt_length: int) -> tuple[int, int]:
-    """The last user turn: the ``last_turn`` span, else the ``instruction`` span."""
-    if not spans or not ({"last_turn", "instruction"} & set(spans)):
+    """The ``instruction`` span: the last user turn and the generation prompt."""
+    if not spans or "instruction" not in spans:
         raise ValueError(
             "protect='instruction' needs the prompt's token spans: generate with elastic.generate, "
             "or call cache.annotate(spans={'instruction': (start, end)}) before the prefill"
         )
-    start, end = spans.get("last_turn", spans.get("instruction"))
+    start, end = spans["instruction"]
     return max(0, start), min(prompt_length, end)
 
 
 def nearest_by_position(anchors: torch.Tensor, positions: torch.Tensor, T: int) -> torch.Tensor:
     """``[rows, T]`` the nearest anchor of every position; a tie goes to the earlier anchor."""
     n = anchors.shape[1]
+    anchors = anchors.contiguous()  # the uniform anchors are an expanded view
     after = torch.searchsorted(anchors, positions.contiguous())  # first anchor >= t
     left, right = (after - 1).clamp(min=0), after.clamp(max=n - 1)
     a_left, a_right = anchors.gather(1, left), anchors.gather(1, right)
