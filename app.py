@@ -36,11 +36,15 @@ from transformers import TextIteratorStreamer
 
 import elastic
 import viz
+from elastic.policies import elastic_cache
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
 MAX_SESSIONS = 200  # API clients never "unload": bound the memory they can hold
 COMPARE_METHODS = ("full", "elastic", "h2o")
+ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cache.SCOPES,
+                    "prefill": elastic_cache.PREFILLS, "decode": elastic_cache.DECODES,
+                    "protect": elastic_cache.PROTECTS}
 EMPTY = "(empty answer)"
 
 
@@ -181,9 +185,12 @@ def conversation(history: list, question: str, new_image: str | None) -> tuple[l
 
 
 # -- side panel ----------------------------------------------------------------------------------
-def render_panel(session: Session, layer, step):
-    """Figures and teaching text for the session's last trace at ``layer`` / ``step``."""
+def render_panel(session: Session, layer, step, head=0):
+    """Figures and teaching text for the session's last trace at ``layer`` / ``step``
+    (and KV ``head``, for a policy that selects per head)."""
     trace = session.trace
+    if trace is not None and trace.per_head:
+        trace = trace.of_head(int(min(max(int(head or 0), 0), len(trace.heads) - 1)))
     if trace is None:
         empty = viz.message_figure("Send a message (or pick an example) to see the cache.")
         return empty, empty, empty, empty, viz.explain_html(None), empty, empty
@@ -196,10 +203,17 @@ def render_panel(session: Session, layer, step):
             viz.explain_html(trace, layer), groups, timeline)
 
 
-def on_slider(layer, step, request: gr.Request):
+def on_slider(layer, step, head, request: gr.Request):
     session = session_of(request)
-    heat, *rest = render_panel(session, layer, step)
-    return (gr.update(), *rest)  # the heatmap does not depend on layer or step
+    heat, *rest = render_panel(session, layer, step, head)
+    return (heat if session.trace is not None and session.trace.per_head else gr.update(), *rest)
+
+
+def head_slider(trace):
+    """The KV-head selector: shown only for a trace whose heads kept different entries."""
+    if trace is None or not trace.per_head:
+        return gr.update(visible=False, value=0)
+    return gr.update(visible=True, maximum=len(trace.heads) - 1, value=0)
 
 
 # -- chat ----------------------------------------------------------------------------------------
@@ -221,13 +235,17 @@ def _problem(text: str):
 
 @gpu
 def chat(message, history, method, budget, start_size, distance, max_new_tokens, layer,
+         importance="sum", scope="layer", prefill="merge", decode="fixed-point", protect="none",
          request: gr.Request = None):
-    """Stream an answer, then update the side panel. Bad input leaves the chat untouched."""
+    """Stream an answer, then update the side panel. Bad input leaves the chat untouched.
+
+    ``importance`` ... ``protect`` are Elastic's ablation options (other methods ignore them).
+    """
     history = list(history or [])
     message = message or {}
     question = (message.get("text") or "").strip()
     files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
-    no_change = [gr.update()] * 9
+    no_change = [gr.update()] * 10
 
     def refuse(text):
         return (history, gr.update(), _problem(text), *no_change)
@@ -267,13 +285,15 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     # No timeout: run() always ends the stream, and a big model's prefill can be slow.
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     result = {}
+    options = dict(importance=importance or "sum", scope=scope or "layer", prefill=prefill or "merge",
+                   decode=decode or "fixed-point", protect=protect or "none")
 
     def run():
         try:
             result["gen"] = elastic.generate(
                 model, processor, image, messages, method=method, budget=float(budget),
                 start_size=int(start_size), distance=int(distance), max_new_tokens=int(max_new_tokens),
-                streamer=streamer)
+                streamer=streamer, **options)
         except Exception as error:  # reported in the UI below; the server keeps serving
             result["error"] = error
         finally:
@@ -305,13 +325,14 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     layer = min(int(layer or 0), layers - 1)
     panel = render_panel(session, layer, steps)
     yield (shown, gr.update(), viz.summary_markdown(gen.trace, gen.stats, gen.warnings), *panel,
-           gr.update(maximum=max(layers - 1, 1), value=layer), gr.update(maximum=max(steps, 1), value=steps))
+           gr.update(maximum=max(layers - 1, 1), value=layer), gr.update(maximum=max(steps, 1), value=steps),
+           head_slider(gen.trace))
 
 
 def clear_chat(request: gr.Request):
     session = session_of(request)
     session.trace = session.image = session.stats = None
-    return [], None, "", *render_panel(session, 0, 0)
+    return [], None, "", *render_panel(session, 0, 0), head_slider(None)
 
 
 # -- compare -------------------------------------------------------------------------------------
@@ -320,9 +341,28 @@ def _clean(stats: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in stats.items()}
 
 
+def compare_methods(methods) -> tuple[str, ...]:
+    """The methods to run, full cache first (its answer is the reference); a bare string or
+    ``True`` (the old "also run Local" flag) is accepted from API clients."""
+    if methods is True:
+        methods = COMPARE_METHODS + ("local",)
+    elif methods in (None, False):
+        methods = COMPARE_METHODS
+    elif isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",")]
+    unknown = [m for m in methods if m not in elastic.METHODS]
+    if unknown:
+        raise gr.Error(f"Unknown method(s) {', '.join(map(str, unknown))}: choose from {', '.join(elastic.METHODS)}.")
+    chosen = [m for m in elastic.METHODS if m in methods and m != "full"]
+    if not chosen:
+        raise gr.Error("Pick at least one method to compare with the full cache.")
+    return ("full", *chosen)
+
+
 @gpu
-def compare(image, question, budget, max_new_tokens, include_local=False, progress=gr.Progress()):
-    """Answer one question with full cache, Elastic Cache and H2O (and Local) at ``budget``.
+def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, progress=gr.Progress()):
+    """Answer one question with the full cache and each of ``methods`` at ``budget``
+    (default: Elastic Cache and H2O).
 
     Returns the side-by-side HTML, a JSON summary (``answers`` and ``metrics`` per method)
     and the cache length of every method over the decoding steps.
@@ -339,7 +379,7 @@ def compare(image, question, budget, max_new_tokens, include_local=False, progre
         model, processor = MODEL.get()
     except elastic.ModelLoadError as error:
         raise gr.Error(str(error)) from None
-    methods = COMPARE_METHODS + (("local",) if include_local else ())
+    methods = compare_methods(methods)
     results, traces, warnings = [], {}, []
     for i, method in enumerate(methods):
         progress((i, len(methods)), desc=f"{viz.method_name(method)}…")
@@ -415,8 +455,25 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             placeholder="Ask about an image (drop or attach it here)…", show_label=False)
                         status = gr.Markdown(label="status", elem_id="status")
                         with gr.Row():
-                            method = gr.Radio(list(elastic.METHODS), value="elastic", label="Method")
+                            method = gr.Radio([(viz.method_name(m), m) for m in elastic.METHODS], value="elastic",
+                                              label="Method", elem_id="method")
                             budget = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Budget (fraction kept)")
+                        with gr.Accordion("Ablation: change one choice of Elastic Cache", open=False,
+                                          elem_id="ablation"):
+                            gr.Markdown("The defaults are the paper's method; each other value is one of its "
+                                        "ablations or a control of ours (see docs/ablations.md).")
+                            with gr.Row():
+                                importance = gr.Dropdown(list(ABLATION_CHOICES["importance"]), value="sum",
+                                                         label="Importance score")
+                                scope = gr.Dropdown(list(ABLATION_CHOICES["scope"]), value="layer",
+                                                    label="Score computed per")
+                                prefill = gr.Dropdown(list(ABLATION_CHOICES["prefill"]), value="merge",
+                                                      label="Non-anchors at the prefill")
+                            with gr.Row():
+                                decode = gr.Dropdown(list(ABLATION_CHOICES["decode"]), value="fixed-point",
+                                                     label="Victim while decoding")
+                                protect = gr.Dropdown(list(ABLATION_CHOICES["protect"]), value="none",
+                                                      label="Also protect")
                         with gr.Row():
                             start_size = gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)")
                             distance = gr.Slider(-64, 0, value=-25, step=1, label="Distance (N_tl offset)")
@@ -431,6 +488,8 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         with gr.Row():
                             layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="layer")
                             step = gr.Slider(0, 1, value=0, step=1, label="Decoding step (replay)", elem_id="step")
+                            head = gr.Slider(0, 1, value=0, step=1, label="KV head (this method keeps entries "
+                                             "per head)", visible=False, elem_id="head")
                         with gr.Tabs():
                             with gr.Tab("Attention"):
                                 heatmap = gr.Plot(waiting, label="attention", show_label=False, elem_id="heatmap")
@@ -451,8 +510,11 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         c_question = gr.Textbox(label="Question", lines=2, elem_id="compare-question")
                         c_budget = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget")
                         c_max_new = gr.Slider(1, 512, value=160, step=1, label="Max new tokens")
-                        c_local = gr.Checkbox(False, label="Also run Local (StreamingLLM)")
-                        c_run = gr.Button("Run full / Elastic / H2O", variant="primary")
+                        c_methods = gr.CheckboxGroup(
+                            [(viz.method_name(m), m) for m in elastic.METHODS if m != "full"],
+                            value=[m for m in COMPARE_METHODS if m != "full"],
+                            label="Methods beside the full cache", elem_id="compare-methods")
+                        c_run = gr.Button("Run side by side", variant="primary")
                         if examples:
                             gr.Examples([[e["image"], e["prompt"]] for e in examples], inputs=[c_image, c_question],
                                         elem_id="compare-examples")
@@ -463,15 +525,15 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             c_json = gr.JSON(label="Answers and metrics")
 
         panel = [heatmap, groups, overlay, timeline, explain, teach_groups, teach_timeline]
-        controls = [method, budget, start_size, distance, max_new, layer]
-        msg.submit(chat, [msg, chatbot, *controls], [chatbot, msg, status, *panel, layer, step],
+        controls = [method, budget, start_size, distance, max_new, layer, importance, scope, prefill, decode, protect]
+        msg.submit(chat, [msg, chatbot, *controls], [chatbot, msg, status, *panel, layer, step, head],
                    api_name="chat", concurrency_id="model", concurrency_limit=1)
-        for slider in (layer, step):
-            slider.change(on_slider, [layer, step], panel, api_name=False, show_progress="hidden",
+        for slider in (layer, step, head):
+            slider.change(on_slider, [layer, step, head], panel, api_name=False, show_progress="hidden",
                           trigger_mode="always_last")
-        clear.click(clear_chat, None, [chatbot, msg, status, *panel], api_name=False)
-        chatbot.clear(clear_chat, None, [chatbot, msg, status, *panel], api_name=False)
-        c_run.click(compare, [c_image, c_question, c_budget, c_max_new, c_local], [c_html, c_json, c_lengths],
+        clear.click(clear_chat, None, [chatbot, msg, status, *panel, head], api_name=False)
+        chatbot.clear(clear_chat, None, [chatbot, msg, status, *panel, head], api_name=False)
+        c_run.click(compare, [c_image, c_question, c_budget, c_max_new, c_methods], [c_html, c_json, c_lengths],
                     api_name="compare", concurrency_id="model", concurrency_limit=1)
         to_compare.click(compare_from_chat, [chatbot, msg], [c_image, c_question, tabs], api_name=False)
         blocks.unload(forget_session)

@@ -459,6 +459,7 @@ class PolicyCache(Cache):
                 if hasattr(policy, "fixed_point") and decode_rule == "fixed-point" else None,
                 bytes_per_entry=int(per_entry),
                 options=policy.options(),
+                variant=policy.variant(),
                 head=head,
                 **self.annotations,
             )

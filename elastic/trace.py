@@ -87,6 +87,8 @@ class Trace:
     options : dict
         Every parameter of the policy that ran (which variant: e.g. Elastic's
         ``importance``, ``scope``, ``prefill``, ``decode``, ``protect``).
+    variant : dict
+        The options that differ from the method's defaults (``{}``: the paper's method).
     head : int or None
         For a policy that selects per KV head, the KV head this trace describes.
     heads : list[Trace] or None
@@ -109,6 +111,7 @@ class Trace:
     image_grid: tuple[int, int] | None = None
     tokens: list[str] | None = None
     options: dict = field(default_factory=dict)
+    variant: dict = field(default_factory=dict)
     head: int | None = None
     heads: list["Trace"] | None = field(default=None, repr=False)
 

@@ -58,12 +58,17 @@ def images(tmp_path_factory):
     return paths
 
 
+ABLATION = ("importance", "scope", "prefill", "decode", "protect")
+
+
 def chat(client, image, text, history=(), method="elastic", budget=0.5, start_size=1, distance=-8,
-         max_new_tokens=12, layer=0):
-    """Run /chat and return every yield (the last one is the final state)."""
+         max_new_tokens=12, layer=0, **options):
+    """Run /chat and return every yield (the last one is the final state); ``options`` are
+    Elastic's ablation options (left out: the API's defaults)."""
     message = {"text": text, "files": [handle_file(str(image))] if image else []}
+    extra = [options[k] for k in ABLATION[:max((ABLATION.index(k) + 1 for k in options), default=0)]]
     job = client.submit(message, resend(list(history)), method, budget, start_size, distance, max_new_tokens, layer,
-                        api_name="/chat")
+                        *extra, api_name="/chat")
     job.result()
     return job.outputs()
 
@@ -95,7 +100,7 @@ def test_chat_streams_an_answer_and_draws_its_trace(server, images):
     client = Client(server.url, verbose=False)
     outputs = chat(client, images["red"], "what is in the image ?")
     assert len(outputs) >= 3  # "generating", at least one streamed chunk, the final state
-    history, _, status, heat, groups, overlay, timeline, explain, *_teach, layer, step = outputs[-1]
+    history, _, status, heat, groups, overlay, timeline, explain, *_teach, layer, step, _head = outputs[-1]
     answer = history[-1]
     assert answer["role"] == "assistant" and answer["content"][0]["text"].strip()
     assert "KV entries" in status
@@ -142,6 +147,37 @@ def test_two_clients_get_their_own_traces(server, images):
     assert figure(results["a"][5])["layout"]["images"] != figure(results["b"][5])["layout"]["images"]
 
 
+def test_chat_runs_an_ablation_and_says_so(server, images):
+    client = Client(server.url, verbose=False)
+    out = chat(client, images["red"], "what is in the image ?", importance="debiased", scope="layer",
+               prefill="evict", decode="recent", protect="instruction")[-1]
+    trace = session_trace(client)
+    assert trace.variant == {"importance": "debiased", "prefill": "evict", "decode": "recent", "protect": "instruction"}
+    assert "importance=debiased" in out[2] and "Ablation" in out[7] and "evicts" in out[7]
+    start, end = trace.spans["instruction"]
+    assert all(set(range(start, end)) <= set(layer.kept.tolist()) for layer in trace.layers)
+    assert all(len(layer.merged) == 0 for layer in trace.layers)  # evicted, not merged
+    with pytest.raises(AppError, match="loudest is not in the list of choices"):  # gradio's own check
+        chat(client, images["red"], "what ?", importance="loudest")
+
+
+def test_chat_with_a_per_head_policy_shows_a_head_selector(server, images):
+    client = Client(server.url, verbose=False)
+    out = chat(client, images["red"], "what is in the image ?", method="snapkv", budget=0.3)[-1]
+    trace = session_trace(client)
+    head = out[-1]
+    assert trace.per_head and head["visible"] and head["maximum"] == len(trace.heads) - 1
+    heads = [trace.of_head(h) for h in range(len(trace.heads))]
+    assert any(a.layers[0].kept.tolist() != heads[0].layers[0].kept.tolist() for a in heads[1:])
+    layer = next(l for l in range(trace.num_layers)
+                 if heads[1].layers[l].kept.tolist() != heads[0].layers[l].kept.tolist())
+    session = app.SESSIONS[client.session_hash]
+    steps = trace.decode_steps
+    drawn = app.render_panel(session, layer, steps, head=1)[1]  # the groups figure, for KV head 1
+    assert drawn.to_json() == viz.merge_groups(heads[1], layer, steps).to_json()
+    assert drawn.to_json() != viz.merge_groups(heads[0], layer, steps).to_json()
+
+
 # -- compare --------------------------------------------------------------------------------------
 def test_compare_endpoint_returns_answers_and_metrics(server, images):
     client = Client(server.url, verbose=False)
@@ -162,9 +198,22 @@ def test_compare_endpoint_returns_answers_and_metrics(server, images):
 
 def test_compare_can_add_local(server, images):
     client = Client(server.url, verbose=False)
-    _, payload, _ = client.predict(handle_file(str(images["blue"])), "what colour ?", 0.5, 4, True,
+    _, payload, _ = client.predict(handle_file(str(images["blue"])), "what colour ?", 0.5, 4, ["elastic", "h2o", "local"],
                                    api_name="/compare")
     assert set(payload["answers"]) == {"full", "elastic", "h2o", "local"}
+
+
+def test_compare_runs_the_chosen_methods(server, images):
+    client = Client(server.url, verbose=False)
+    _, payload, lengths = client.predict(handle_file(str(images["red"])), "what colour ?", 0.5, 4,
+                                         ["tova", "snapkv"], api_name="/compare")
+    assert list(payload["answers"]) == ["full", "snapkv", "tova"]  # full first: it is the reference
+    assert [t["name"] for t in figure(lengths)["data"]] == ["Full cache", "SnapKV", "TOVA"]
+    with pytest.raises(AppError, match="mystery.* is not in the list of choices"):  # gradio's own check
+        client.predict(handle_file(str(images["red"])), "what ?", 0.5, 4, ["elastic", "mystery"],
+                       api_name="/compare")
+    with pytest.raises(AppError, match="at least one method"):
+        client.predict(handle_file(str(images["red"])), "what ?", 0.5, 4, [], api_name="/compare")
 
 
 @pytest.mark.parametrize("image, question, expected", [
@@ -290,3 +339,13 @@ def test_a_model_that_fails_to_load_gives_one_clear_message(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not load model") and "missing" in last
     assert "Traceback" not in out.stderr
+
+
+def test_compare_methods_are_checked_and_ordered():
+    assert app.compare_methods(["tova", "elastic"]) == ("full", "elastic", "tova")
+    assert app.compare_methods(None) == app.COMPARE_METHODS
+    assert app.compare_methods(True) == app.COMPARE_METHODS + ("local",)  # the old include_local flag
+    with pytest.raises(app.gr.Error, match="Unknown method"):
+        app.compare_methods(["elastic", "mystery"])
+    with pytest.raises(app.gr.Error, match="at least one method"):
+        app.compare_methods(["full"])

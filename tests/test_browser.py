@@ -125,7 +125,7 @@ def test_compare_tab_shows_three_answers(page):
     page.wait_for_function(
         f"() => document.querySelector('#compare-question textarea')?.value === {json.dumps(page.prompt)}",
         timeout=TIMEOUT)
-    page.get_by_role("button", name="Run full / Elastic / H2O").click()
+    page.get_by_role("button", name="Run side by side").click()
     page.wait_for_function(
         "() => document.querySelectorAll('#compare-html .ec-answer').length === 3", timeout=TIMEOUT)
     html = page.locator("#compare-html").inner_text()

@@ -31,7 +31,8 @@ PROTECTED_COLOUR = "#f4c20d"
 # log10 of a score of exactly zero would be -inf; no real attention mass is this small.
 SCORE_FLOOR = 1e-6
 
-METHOD_NAMES = {"full": "Full cache", "elastic": "Elastic Cache", "h2o": "H2O", "local": "Local (StreamingLLM)"}
+METHOD_NAMES = {"full": "Full cache", "elastic": "Elastic Cache", "h2o": "H2O", "local": "Local (StreamingLLM)",
+                "snapkv": "SnapKV", "tova": "TOVA"}
 
 
 def resolve_step(trace, step) -> int:
@@ -92,6 +93,11 @@ def message_figure(text: str, title: str = "", height: int = 260) -> go.Figure:
 
 def method_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
+
+
+def variant_text(trace) -> str:
+    """``"importance=debiased, protect=instruction"``: how the run differs from the paper's method."""
+    return ", ".join(f"{k}={v}" for k, v in (getattr(trace, "variant", None) or {}).items())
 
 
 def human_bytes(n: float) -> str:

@@ -6,7 +6,7 @@ import html
 
 import numpy as np
 
-from .style import method_name, token_text
+from .style import method_name, token_text, variant_text
 
 _OTHER_METHODS = {
     "full": "The full cache keeps every entry: nothing is scored, merged or evicted. Pick "
@@ -16,6 +16,27 @@ _OTHER_METHODS = {
            "lowest score. Pick <b>elastic</b> to compare.",
     "local": "Local (StreamingLLM) keeps the first token(s) and the most recent ones, whatever they "
              "say. Pick <b>elastic</b> to compare.",
+    "snapkv": "SnapKV lets the last prompt tokens (the observation window, usually your question) vote: "
+              "the entries they attend to most are kept, each KV head choosing its own, and the rest are "
+              "dropped. While decoding it drops the entry the newest token attends to least.",
+    "tova": "TOVA keeps the entries the newest token attends to most, and re-decides at every step: "
+            "the entry the newest token attends to least is dropped.",
+}
+_PREFILL = {
+    "merge": "Every other token joins its nearest anchor by position, and the anchor's key and value become "
+             "the plain average of its group. Nothing is simply thrown away",
+    "kmeans": "Every other token joins the anchor whose key is most similar (k-means on the keys, seeded by the "
+              "anchors), and the anchor's key and value become the plain average of its group. Nothing is "
+              "simply thrown away",
+    "evict": "This variant <i>evicts</i> every other token instead of merging it (the paper's 'eviction' "
+             "ablation)",
+}
+_IMPORTANCE = {
+    "sum": "the highest-scoring tokens",
+    "mean": "the tokens with the highest <i>mean</i> attention (the sum divided by the queries that see them)",
+    "moving-average": "the tokens with the highest moving average of attention (recent queries weigh most)",
+    "debiased": "the tokens that receive more attention than uniform attention would give their position",
+    "uniform": "tokens evenly spaced over the prompt (no score at all: a control)",
 }
 
 
@@ -71,24 +92,36 @@ def explain_html(trace, layer: int = 0) -> str:
                  f"{_OTHER_METHODS.get(trace.method, '')} In layer {layer} it kept {len(kept)} of {T} prompt "
                  f"entries and removed {len(evictions)} while decoding.</p>")
         return "\n".join(p)
+    options = {"importance": "sum", "prefill": "merge", "decode": "fixed-point", "protect": "none",
+               "scope": "layer", **(trace.options or {})}
+    if trace.variant:
+        p.append(f"<p><b>Ablation.</b> This run changed the paper's method: "
+                 f"{html.escape(variant_text(trace))}.</p>")
+    extra = {"instruction": ", the instruction", "last": f", the last {options.get('protect_last')} prompt tokens"}
+    who = {"layer": "Each layer picks its own anchors.", "shared": "All layers share one score, so one set of anchors.",
+           "head": f"Each KV head picks its own anchors (this is KV head {trace.head})."}[options["scope"]]
     p.append(
         f"<p><b>2. Anchors.</b> The budget &gamma; = {trace.budget:g} lets each layer keep "
         f"&lceil;&gamma;&middot;T&rceil; = {len(kept)} entries: {len(protected)} protected "
-        f"({_sinks(trace.start_size)} plus the last prompt token) and the "
-        f"{len(anchors)} highest-scoring tokens, the <i>anchors</i> (layer {layer}: "
-        f"{_count_types(trace, anchors)}). Each layer picks its own anchors.</p>")
+        f"({_sinks(trace.start_size)}{extra.get(options['protect'], '')} plus the last prompt token) and "
+        f"{len(anchors)} of {_IMPORTANCE[options['importance']]}, the <i>anchors</i> (layer {layer}: "
+        f"{_count_types(trace, anchors)}). {who}</p>")
     group_text = ""
     if biggest is not None:
         members = np.flatnonzero(lt.group == biggest)
         group_text = (f" In layer {layer} the biggest group, around anchor {biggest} "
                       f"'{token_text(trace, biggest)}', holds {len(members)} tokens "
                       f"(positions {members.min()}&ndash;{members.max()}).")
-    p.append(
-        "<p><b>3. Merging keeps context.</b> Every other token joins its nearest anchor by position, "
-        "and the anchor's key and value become the plain average of its group. Nothing is simply "
-        f"thrown away: {len(lt.merged)} merged tokens still speak through their anchors." + group_text + "</p>")
+    if options["prefill"] == "evict":
+        p.append(f"<p><b>3. Eviction.</b> {_PREFILL['evict']}: {len(lt.evicted)} prompt tokens are gone.</p>")
+    else:
+        p.append(f"<p><b>3. Merging keeps context.</b> {_PREFILL[options['prefill']]}: {len(lt.merged)} merged "
+                 "tokens still speak through their anchors." + group_text + "</p>")
     span = (trace.spans or {}).get("instruction")
-    if span is not None and span[1] > span[0]:
+    if span is not None and span[1] > span[0] and options["protect"] == "instruction":
+        p.append(f"<p><b>The instruction is protected.</b> Its {span[1] - span[0]} tokens are kept as they are "
+                 "(this variant's choice): the question survives whatever the scores say.</p>")
+    elif span is not None and span[1] > span[0]:
         merged_instruction = int(np.isin(lt.merged, np.arange(*span)).sum())
         p.append(
             f"<p><b>Watch the instruction.</b> A token's score sums the attention of every query "
@@ -97,6 +130,14 @@ def explain_html(trace, layer: int = 0) -> str:
             f"tokens were merged in layer {layer}. A large model copes; a tiny one may answer a different "
             "question (compare with the full cache).</p>")
     steps = trace.decode_steps
+    if options["decode"] != "fixed-point":
+        rule = ("the newest entry" if options["decode"] == "recent" else
+                "the entry with the least attention accumulated since the prefill (sinks excepted)")
+        p.append(
+            "<p><b>4. Eviction while decoding.</b> While the answer grows, the cache may hold "
+            f"&lceil;&gamma; &times; tokens seen&rceil; entries. Beyond that this variant deletes {rule}, "
+            f"instead of the paper's fixed point. Here: {len(evictions)} deletions over {steps} decoding steps.</p>")
+        return "\n".join(p)
     p.append(
         "<p><b>4. Fixed-point elimination (decoding).</b> While the answer grows, the cache may hold "
         "&lceil;&gamma; &times; tokens seen&rceil; entries. Beyond that, one entry is deleted at a fixed "

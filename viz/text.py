@@ -10,7 +10,7 @@ import difflib
 import html
 import math
 
-from .style import human_bytes, method_name
+from .style import human_bytes, method_name, variant_text
 
 
 def diff_tokens(reference: str, candidate: str) -> list[tuple[str, str]]:
@@ -119,7 +119,9 @@ def summary_markdown(trace, stats: dict, warnings=()) -> str:
     """
     kept, full = int(trace.lengths[-1]), int(trace.full_lengths()[-1])
     speed = _number(stats.get("tokens_per_s"))
-    line = (f"**{method_name(trace.method)}**, budget {trace.budget:g}: {kept} of {full} KV entries per layer "
+    variant = variant_text(trace)
+    line = (f"**{method_name(trace.method)}**{f' ({variant})' if variant else ''}, budget {trace.budget:g}: "
+            f"{kept} of {full} KV entries per layer "
             f"({kept / full:.0%}), {human_bytes(stats['kv_bytes'])} vs {human_bytes(stats['full_kv_bytes'])} full. "
             f"Prefill {_number(stats.get('prefill_s')) or 0.0:.2f} s, "
             f"{'n/a' if speed is None else f'{speed:.1f}'} tokens/s, {stats.get('new_tokens')} new tokens.")

@@ -118,6 +118,13 @@ class Policy:
         """The policy's parameters (what the trace records as the variant that ran)."""
         return dataclasses.asdict(self)
 
+    def variant(self) -> dict:
+        """The options that differ from the method's defaults, budget and sinks aside
+        (``{}``: the method as its paper describes it)."""
+        main = {"budget", "start_size", "distance"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in main and getattr(self, f.name) != f.default}
+
     # -- budget -----------------------------------------------------------------------
     def protected(self, prompt_length: int, spans: dict | None = None) -> list[int]:
         """Prompt positions that are never merged or evicted at the prefill."""
