@@ -2,6 +2,7 @@
 
     python -m elastic.evaluate --ablation paper            # default model, budget 0.5, 50 scenes
     python -m elastic.evaluate --ablation beyond --samples 50
+    python -m elastic.evaluate --ablation protocol            # the paper's baseline and positions, as run
     python -m elastic.evaluate --ablation all --model llava-hf/llava-1.5-7b-hf --data mm-vet.json
 
 Each variant is Elastic Cache with one option changed (the options of
@@ -40,7 +41,16 @@ BEYOND = [
     ("snapkv", "snapkv", {}, None),
     ("tova", "tova", {}, None),
 ]
-ABLATIONS = {"paper": PAPER, "beyond": BEYOND, "all": PAPER + BEYOND[1:]}
+# How the paper's comparison was run: the reference code's H2O, and decoded tokens at the
+# compressed cache's length (SPEC 2), against ours (textbook H2O, true positions).
+PROTOCOL = [
+    ("elastic", "elastic", {}, None),
+    ("elastic-compressed-positions", "elastic", {"positions": "compressed"}, None),
+    ("h2o", "h2o", {}, None),
+    ("h2o-ref", "h2o-ref", {}, None),
+    ("h2o-ref-compressed-positions", "h2o-ref", {"positions": "compressed"}, None),
+]
+ABLATIONS = {"paper": PAPER, "beyond": BEYOND, "protocol": PROTOCOL, "all": PAPER + BEYOND[1:] + PROTOCOL[1:]}
 BASELINE = "elastic"
 
 

@@ -29,6 +29,7 @@ from .policies import Policy, Prefill, make_policy
 from .trace import LayerTrace, Trace
 
 LAYOUTS = ("preallocated", "dynamic")
+POSITIONS = ("true", "compressed")  # where a decoded token sits (see PolicyCache.decode_position)
 DEFAULT_RESERVE = 256  # decode tokens a preallocated layer has room for before it grows
 
 _NOT_ATTACHED = (
@@ -67,7 +68,7 @@ class PolicyLayer(DynamicLayer):
         # Record, kept as tensors until a trace is asked for (no GPU sync per step).
         self.prefill_scores: torch.Tensor | None = None
         self.prefill_group: torch.Tensor | None = None
-        self.evicted: list[tuple[int, torch.Tensor]] = []  # (step, original positions [B])
+        self.evicted: list[tuple[int, torch.Tensor]] = []  # (decode step, original positions [rows])
 
     @property
     def policy(self) -> Policy:
@@ -86,8 +87,8 @@ class PolicyLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if self.awaiting_attention:
             raise RuntimeError(_NOT_ATTACHED)
-        if self.prompt_length is not None and self.cache.pending:
-            self.cache.finish_prefill()  # a shared-score prefill whose last layer the hook never named
+        if self in self.cache.pending:  # its last step waits for a last layer the hook never named
+            self.cache.finish_step()
         n_new = key_states.shape[-2]
         if self.prompt_length is not None and n_new != 1:
             raise ValueError(_NO_CONTINUATION.format(n=n_new))
@@ -113,12 +114,12 @@ class PolicyLayer(DynamicLayer):
     def after_attention(self, query, key, attention_mask, scaling, num_layers: int | None = None):
         """Compress now that the layer has attended (called by the attach hook)."""
         self.awaiting_attention = False
+        self.forwards += 1
         if self.prompt_length is None:
             self._prefill(query, key, attention_mask, scaling, num_layers)
         else:
-            self._decode(query, key, scaling)
-        self.forwards += 1
-        if self.layer_idx == 0 and self.prompt_entries is not None:
+            self._decode(query, key, scaling, num_layers)
+        if self.layer_idx == 0 and self not in self.cache.pending:
             self.cache.lengths.append(self.get_seq_length())
 
     def _prefill(self, query, key, attention_mask, scaling, num_layers=None):
@@ -135,11 +136,15 @@ class PolicyLayer(DynamicLayer):
             scores = scores.flatten(0, 1)  # [B, H_kv, T] -> one row per (sample, KV head)
         self.prefill_scores = scores
         if policy.shared_across_layers:  # planned once every layer has its scores
-            self.cache.pending.append(self)
-            if num_layers is not None and self.layer_idx == num_layers - 1:
-                self.cache.finish_prefill()
+            self._wait(num_layers)
             return
         self._compress(scores)
+
+    def _wait(self, num_layers):
+        """Leave this layer's step to the cache, which finishes it once the last layer attended."""
+        self.cache.pending.append(self)
+        if num_layers is not None and self.layer_idx == num_layers - 1:
+            self.cache.finish_step()
 
     def _compress(self, scores: torch.Tensor | None):
         """Apply the policy's prefill plan for ``scores`` ``[rows, T]``."""
@@ -149,16 +154,25 @@ class PolicyLayer(DynamicLayer):
         group = policy.plan_prefill(scores, prompt)
         kept = self._fold(group)
         if policy.scores_decode:
-            self.accumulated = scores.gather(1, kept)
+            self.accumulated = policy.initial_accumulated(scores, kept)
         self.prompt_entries = self.get_seq_length()
         self.prefill_scores, self.prefill_group = scores, group
 
-    def _decode(self, query, key, scaling):
+    def _decode(self, query, key, scaling, num_layers=None):
         policy = self.policy
-        if policy.scores_decode:
-            self._accumulate(policy.decode_score(query, key, scaling))
+        received = policy.decode_score(query, key, scaling) if policy.scores_decode else None
+        if received is not None and policy.shared_across_layers:  # one score: all layers must attend first
+            self.pending_received = received
+            self._wait(num_layers)
+            return
+        self._evict(received)
+
+    def _evict(self, received: torch.Tensor | None):
+        """Fold this step's attention into the entries' scores, then evict down to the budget."""
+        if received is not None:
+            self._accumulate(received)
         while self.get_seq_length() > self.capacity():
-            self._drop(policy.decode_victim(self))
+            self._drop(self.policy.decode_victim(self))
 
     def _accumulate(self, received: torch.Tensor):
         """Fold this step's attention ``[rows, S]`` (slot order) into the per-entry score;
@@ -193,7 +207,7 @@ class PolicyLayer(DynamicLayer):
         R, S = self.positions.shape
         rest = torch.arange(S - 1, device=slot.device).expand(R, -1)
         rest = rest + (rest >= slot[:, None])
-        self.evicted.append((self.forwards, self.positions.gather(1, slot[:, None])[:, 0]))
+        self.evicted.append((self.seen - self.prompt_length, self.positions.gather(1, slot[:, None])[:, 0]))
         if R == 1 or bool((slot == slot[0]).all()):
             # The common case (a fixed point, a sink window, batch 1): two slices copy half
             # the bytes of a gather, which also reads an int64 index as large as the cache.
@@ -296,7 +310,7 @@ class PreallocatedLayer(PolicyLayer):
     def _drop(self, slot):
         """Evict slot ``slot[r]`` of every row ``r``: the last entry moves into it."""
         R, S = self.positions.shape
-        self.evicted.append((self.forwards, self.positions.gather(1, slot[:, None])[:, 0]))
+        self.evicted.append((self.seen - self.prompt_length, self.positions.gather(1, slot[:, None])[:, 0]))
         # Scatter, not slicing: rows may evict different slots, and no sync is needed.
         # The one-entry source is cloned because the victim may be the last slot itself.
         for x in (self._rows(self.keys), self._rows(self.values)):  # views of the buffers
@@ -334,14 +348,17 @@ class PolicyCache(Cache):
     generating, :attr:`trace` tells what the cache did and :meth:`kv_bytes` what it holds.
     """
 
-    def __init__(self, policy: Policy, layout: str = "preallocated", reserve: int = DEFAULT_RESERVE):
+    def __init__(self, policy: Policy, layout: str = "preallocated", reserve: int = DEFAULT_RESERVE,
+                 positions: str = "true"):
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if positions not in POSITIONS:
+            raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
         if int(reserve) != reserve or reserve < 0:
             raise ValueError(f"reserve must be an integer >= 0, got {reserve!r}")
         super().__init__(layer_class_to_replicate=self._new_layer)
         self.policy = policy
-        self.layout, self.reserve = layout, int(reserve)
+        self.layout, self.reserve, self.positions = layout, int(reserve), positions
         self.lengths: list[int] = []
         self.annotations: dict = {}
         self.pending: list[PolicyLayer] = []  # prefilled layers waiting for a shared score
@@ -351,16 +368,23 @@ class PolicyCache(Cache):
         """Token-type spans of the prompt, if annotated (policies that protect the instruction need them)."""
         return self.annotations.get("spans")
 
-    def finish_prefill(self) -> None:
-        """Plan the prefill of every waiting layer with one score: the mean of their scores."""
+    def finish_step(self) -> None:
+        """Finish the waiting layers' step with one score, the mean of their scores: plan
+        their prefill, or fold a decode step's attention in and evict (policies whose score
+        is shared by all layers; every layer then makes the same decision)."""
         layers, self.pending = self.pending, []
         if not layers:
             return
-        scores = [layer.prefill_scores for layer in layers]
+        prefill = layers[0].prompt_entries is None
+        scores = [layer.prefill_scores if prefill else layer.pending_received for layer in layers]
         shared = None if scores[0] is None else torch.stack(scores).mean(dim=0)
         for layer in layers:
-            layer._compress(shared)
-        if not self.lengths:
+            if prefill:
+                layer._compress(shared)
+            else:
+                layer.pending_received = None
+                layer._evict(shared)
+        if layers[0].layer_idx == 0:
             self.lengths.append(layers[0].get_seq_length())
 
     def _new_layer(self) -> PolicyLayer:
@@ -374,6 +398,14 @@ class PolicyCache(Cache):
         if layer_idx >= len(self.layers):
             return 0
         return self.layers[layer_idx].seen
+
+    def decode_position(self, true_position: int) -> int:
+        """Position id of the next decoded token: its true position, or with
+        ``positions="compressed"`` the number of entries held (the reference code's protocol:
+        positions restart near ``budget * T`` and repeat after evictions, SPEC 2)."""
+        if self.positions == "true" or not self.layers:
+            return true_position
+        return self.layers[0].get_seq_length()
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         """Masks index the entries actually held, so their offset is the physical length."""
@@ -414,7 +446,7 @@ class PolicyCache(Cache):
         For a policy that selects per KV head, each is KV head 0's trace, and its ``heads``
         holds one trace per KV head.
         """
-        self.finish_prefill()  # a shared-score prefill not yet planned (no decode step ran)
+        self.finish_step()  # a shared-score step not finished yet (the last layer never reported)
         layers = [layer for layer in self.layers if layer.prompt_length is not None]
         if not layers:
             raise RuntimeError("the cache has not seen a prompt yet: run generate() with it first")
@@ -480,21 +512,27 @@ def _nbytes(x: torch.Tensor) -> int:
 
 
 def make_cache(method: str = "elastic", layout: str = "preallocated", reserve: int = DEFAULT_RESERVE,
-               **params) -> PolicyCache:
+               positions: str = "true", **params) -> PolicyCache:
     """A fresh cache for one ``generate`` call.
 
     Parameters
     ----------
-    method : {"full", "elastic", "h2o", "local"}
+    method : {"full", "elastic", "h2o", "local", "snapkv", "tova", "h2o-ref"}
     layout : {"preallocated", "dynamic"}
         How entries are stored (see the module docstring); both make the same decisions
         and generate the same tokens.
     reserve : int, default 256
         ``"preallocated"`` only: decode tokens the buffers have room for right after the
         prefill (then they grow geometrically). Pass ``max_new_tokens`` to never regrow.
+    positions : {"true", "compressed"}
+        Position ids of decoded tokens under :func:`elastic.generate` and the evaluation:
+        their true positions, or (the reference code's protocol, to reproduce the paper's
+        runs) the cache's length. Plain ``model.generate`` always uses true positions.
     **params
         The policy's parameters: ``budget`` (fraction of KV entries kept, in (0, 1]),
         ``start_size`` (sink tokens), ``distance`` (Elastic's N_tl offset),
-        ``recent_ratio`` (H2O). A parameter another method uses is ignored.
+        ``recent_ratio`` (H2O), Elastic's ablation options (``importance``, ``scope``,
+        ``prefill``, ``decode``, ``protect``, ...), SnapKV's ``window`` / ``kernel`` /
+        ``pooling``, ``heads`` (SnapKV, TOVA). A parameter another method uses is ignored.
     """
-    return PolicyCache(make_policy(method, **params), layout=layout, reserve=reserve)
+    return PolicyCache(make_policy(method, **params), layout=layout, reserve=reserve, positions=positions)

@@ -114,7 +114,8 @@ def teacher_forced_nll(model, inputs: dict, answer: torch.Tensor, cache) -> tupl
     """Summed NLL of ``answer`` ``[n]`` after the prompt, fed one token at a time through ``cache``.
 
     The prompt goes in one forward (the cache compresses it); answer token ``i`` is then
-    fed at its true position ``T + i``, and the cache applies its decode rule after each.
+    fed at its true position ``T + i`` (or where the cache's ``positions`` protocol puts it),
+    and the cache applies its decode rule after each.
     Returns ``(nll_sum, n)``.
     """
     inner = getattr(model, "model", None)
@@ -124,7 +125,8 @@ def teacher_forced_nll(model, inputs: dict, answer: torch.Tensor, cache) -> tupl
     out = model(**inputs, cache=cache, logits_to_keep=1)
     logps = [out.logits[0, -1].float().log_softmax(-1)]
     for i in range(len(answer) - 1):
-        out = model(input_ids=answer[i].view(1, 1), position_ids=decode_position_ids(model, T + i), cache=cache)
+        position = cache.decode_position(T + i) if hasattr(cache, "decode_position") else T + i
+        out = model(input_ids=answer[i].view(1, 1), position_ids=decode_position_ids(model, position), cache=cache)
         logps.append(out.logits[0, -1].float().log_softmax(-1))
     nll = -torch.stack(logps).gather(1, answer.view(-1, 1)).sum()
     return float(nll), len(answer)
@@ -197,7 +199,7 @@ def _part_path(out: Path, name: str, budget: float) -> Path:
 
 def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out=None, model_name="model",
         data="synthetic", max_new_tokens: int = 160, start_size: int = 1, distance: int = -25,
-        resume: bool = True, progress: bool = True) -> list[dict]:
+        positions: str = "true", resume: bool = True, progress: bool = True) -> list[dict]:
     """Evaluate every (method, budget) pair; the full cache once, at budget 1.0.
 
     The full cache is always evaluated (its generations are the ROUGE-L references) and
@@ -208,8 +210,11 @@ def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     variants = [(m, m, float(b), {}) for m in methods if m != "full" for b in budgets]
-    parts = run_variants(model, processor, samples, variants, out, model_name, data, max_new_tokens,
-                         {"start_size": start_size, "distance": distance}, resume, progress)
+    params = {"start_size": start_size, "distance": distance}
+    if positions != "true":  # only then: results saved before the switch existed still resume
+        params["positions"] = positions
+    parts = run_variants(model, processor, samples, variants, out, model_name, data, max_new_tokens, params,
+                         resume, progress)
     records = [part["record"] for part in parts]
     if out is not None:
         write_outputs(records, out)
@@ -342,9 +347,10 @@ def parse_args(argv=None):
     ap.add_argument("--budgets", nargs="+", default=None,
                     help="KV budgets in (0, 1], space- or comma-separated (default 0.1 ... 0.9; "
                          "with --ablation one budget, default 0.5)")
-    ap.add_argument("--ablation", default=None, choices=("paper", "beyond", "all"),
+    ap.add_argument("--ablation", default=None, choices=("paper", "beyond", "protocol", "all"),
                     help="instead of the method grid: Elastic with one option changed at a time "
-                         "(paper: the paper's ablation table; beyond: our variants and the peers; all: both)")
+                         "(paper: the paper's ablation table; beyond: our variants and the peers; "
+                         "protocol: the reference code's H2O and positions; all: every one)")
     ap.add_argument("--samples", type=int, default=None, help="first N samples (synthetic default: 50)")
     ap.add_argument("--data", default="synthetic",
                     help="synthetic (descriptions), synthetic-qa, or a JSON file (MM-Vet or LLaVA format)")
@@ -352,11 +358,21 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="output folder, parts are resumed from it "
                                                 "(default runs/eval, or runs/ablation-NAME)")
     ap.add_argument("--max-new-tokens", type=int, default=160, help="greedy generation length for ROUGE-L")
+    ap.add_argument("--positions", default="true", choices=("true", "compressed"),
+                    help="decoded tokens at their true positions, or at the compressed cache's length "
+                         "(the reference code's protocol, to reproduce the paper's runs)")
     ap.add_argument("--start-size", type=int, default=1)
     ap.add_argument("--distance", type=int, default=-25)
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if available)")
     ap.add_argument("--fresh", action="store_true", help="ignore saved parts and recompute everything")
     return ap.parse_args(argv)
+
+
+def _params(args) -> dict:
+    """Settings every policy gets (``positions`` only when not the default, so results
+    saved before it existed still resume)."""
+    params = {"start_size": args.start_size, "distance": args.distance}
+    return params if args.positions == "true" else {**params, "positions": args.positions}
 
 
 def main(argv=None) -> list[dict]:
@@ -375,8 +391,7 @@ def main(argv=None) -> list[dict]:
 
         out = args.out or f"runs/ablation-{args.ablation}"
         parts = run_variants(model, processor, samples, ablation.variants(args.ablation, (budgets or [0.5])[0]),
-                             out, name, args.data, args.max_new_tokens,
-                             {"start_size": args.start_size, "distance": args.distance}, resume=not args.fresh)
+                             out, name, args.data, args.max_new_tokens, _params(args), resume=not args.fresh)
         rows = ablation.table(parts, args.ablation)
         print(ablation.markdown(rows))
         print(f"wrote {ablation.write(rows, out)} and ablation.json")
@@ -384,7 +399,7 @@ def main(argv=None) -> list[dict]:
     out = args.out or "runs/eval"
     records = run(model, processor, samples, methods, budgets or DEFAULT_BUDGETS, out=out, model_name=name,
                   data=args.data, max_new_tokens=args.max_new_tokens, start_size=args.start_size,
-                  distance=args.distance, resume=not args.fresh)
+                  distance=args.distance, positions=args.positions, resume=not args.fresh)
     print(markdown_table(records))
     print(f"wrote {out}/results.json, results.csv, figure.html")
     return records

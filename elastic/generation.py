@@ -188,10 +188,24 @@ class _Clock:
         self.handle.remove()
 
 
+def _compressed_positions(model, cache):
+    """Feed every decoded token at the cache's length, as the reference code does."""
+    if hasattr(getattr(model, "model", None), "get_rope_index"):
+        raise ValueError("positions='compressed' is for 1-D RoPE models; Qwen2-VL's 3-D positions are not supported")
+
+    def set_position(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[-1] == 1 and cache.layers:  # a decode step
+            kwargs["position_ids"] = torch.full_like(ids, cache.decode_position(-1))
+        return args, kwargs
+
+    return model.register_forward_pre_hook(set_position, with_kwargs=True)
+
+
 @torch.inference_mode()
 def generate(model, processor, image, prompt, method: str = "elastic", budget: float = 0.5,
              max_new_tokens: int = 64, streamer=None, start_size: int = 1, distance: int = -25,
-             **policy_params) -> Generation:
+             positions: str = "true", **policy_params) -> Generation:
     """Answer ``prompt`` about ``image`` with a compressed KV cache.
 
     Parameters
@@ -206,6 +220,10 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         The cache policy, see :func:`elastic.make_cache`.
     max_new_tokens : int
     streamer : optional transformers streamer (e.g. ``TextIteratorStreamer``).
+    positions : {"true", "compressed"}
+        Decoded tokens at their true positions (default), or at the compressed cache's
+        length as the reference code feeds them (to reproduce the paper's protocol; 1-D
+        RoPE models only).
     """
     if not is_attached(model):
         raise RuntimeError("call elastic.attach(model) (or use elastic.load_model) before elastic.generate")
@@ -214,7 +232,7 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
     cache = make_cache(method, budget=budget, start_size=start_size, distance=distance, reserve=max_new_tokens,
-                       **policy_params)
+                       positions=positions, **policy_params)
     image = load_image(image) if image is not None else None
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -242,6 +260,7 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         )
     cache.annotate(**annotations)  # before the prefill: a policy may protect a span
     clock = _Clock(model)
+    hook = _compressed_positions(model, cache) if cache.positions == "compressed" else None
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     start = time.perf_counter()
@@ -252,6 +271,8 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         )
     finally:
         clock.close()
+        if hook is not None:
+            hook.remove()
     new_ids = output[0, T:]
     text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
     all_ids = output[0].tolist()

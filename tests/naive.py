@@ -50,6 +50,8 @@ def protected_of(method, T, start_size, protect="none", protect_last=8, spans=No
         return sorted(set(sinks) | set(extra) | set(last))
     if method == "local":
         return sinks
+    if method == "h2o-ref":
+        return [T - 1]
     return []
 
 
@@ -141,6 +143,15 @@ def prefill_groups(method, scores, T, budget, start_size, recent_ratio=0.5, feat
     if method == "tova":
         top = sorted(range(T), key=lambda t: -scores[t])[:n_keep]
         return [t if t in top else -1 for t in range(T)]
+    if method == "h2o-ref":  # the reference code's selection, as written (kv_cache.py, H2OCache)
+        forget = T - n_keep
+        if forget == 1:
+            candidates = list(range(start_size, T - 1))
+            victim = min(candidates, key=lambda t: scores[t])
+            return [-1 if t == victim else t for t in range(T)]
+        order = sorted(range(T - 1), key=lambda t: scores[t])  # argsort: token index of each rank
+        kept = [r for r in range(T - 1) if order[r] > forget] + [T - 1]
+        return [t if t in kept else -1 for t in range(T)]
     # elastic
     free = [t for t in range(T) if t not in protected]
     k = n_keep - len(protected)
@@ -186,10 +197,11 @@ def run(model, input_ids, method, budget, max_new_tokens, start_size=1, distance
     n_layers = len(out.attentions)
     record = {"scores": [], "group": [], "kept": [], "evictions": [], "lengths": []}
     protected = protected_of(method, T, start_size, o.get("protect", "none"), o.get("protect_last", 8), spans)
-    scoring = method in ("elastic", "h2o", "snapkv", "tova") and o.get("importance") != "uniform"
+    scoring = method in ("elastic", "h2o", "snapkv", "tova", "h2o-ref") and o.get("importance") != "uniform"
     all_scores = [[importance_scores(method, out.attentions[l], T, o, g if per_head else None) if scoring else None
                    for g in range(G)] for l in range(n_layers)]
-    if o.get("scope") == "shared":  # one score for all layers: their mean
+    shared = o.get("scope") == "shared" or method == "h2o-ref"
+    if shared:  # one score for all layers: their mean
         mean = [sum(all_scores[l][0][j] for l in range(n_layers)) / n_layers for j in range(T)]
         all_scores = [[mean] for _ in range(n_layers)]
     layers = []  # per layer, per row: {"pos": [...], "acc": [...], "k": [S entries [h, D]], "v": ...}
@@ -205,7 +217,8 @@ def run(model, input_ids, method, budget, max_new_tokens, start_size=1, distance
             kept = [t for t in range(T) if group[t] == t]
             rows.append({
                 "pos": list(kept),
-                "acc": [scores[t] for t in kept] if scores is not None else [0.0] * len(kept),
+                "acc": ([scores[i] for i in range(len(kept))] if method == "h2o-ref"  # never re-indexed
+                        else [scores[t] for t in kept] if scores is not None else [0.0] * len(kept)),
                 "k": [k_row[:, [u for u in range(T) if group[u] == t]].mean(dim=1) for t in kept],
                 "v": [v_row[:, [u for u in range(T) if group[u] == t]].mean(dim=1) for t in kept],
                 "scores": scores, "group": group, "kept": kept,
@@ -229,9 +242,15 @@ def run(model, input_ids, method, budget, max_new_tokens, start_size=1, distance
     for step in range(1, max_new_tokens):
         position = T + step - 1
         with torch.no_grad():
-            out = eager(input_ids=torch.tensor([[tokens[-1]]]), position_ids=torch.tensor([[position]]),
+            # The reference code's protocol feeds the token at the compressed cache's length.
+            fed_at = len(layers[0][0]["pos"]) if o.get("positions") == "compressed" else position
+            out = eager(input_ids=torch.tensor([[tokens[-1]]]), position_ids=torch.tensor([[fed_at]]),
                         cache=cache, output_attentions=True, use_cache=True)
         capacity = exact_keep(budget, T + step, len(protected) + 1) if method != "full" else T + step
+        shared_received = None
+        if shared:
+            per_layer = [head_columns(out.attentions[l], [0]) for l in range(n_layers)]
+            shared_received = [sum(r[j] for r in per_layer) / n_layers for j in range(len(per_layer[0]))]
         for l in range(n_layers):
             new_k, new_v = cache.layers[l].keys[0, :, -1], cache.layers[l].values[0, :, -1]  # [H_kv, D]
             for g, row in enumerate(layers[l]):
@@ -240,7 +259,7 @@ def run(model, input_ids, method, budget, max_new_tokens, start_size=1, distance
                 pos.append(position)
                 row["k"].append(new_k[g * h:(g + 1) * h])
                 row["v"].append(new_v[g * h:(g + 1) * h])
-                received = head_columns(out.attentions[l], [0], g if per_head else None)
+                received = shared_received or head_columns(out.attentions[l], [0], g if per_head else None)
                 if method in ("snapkv", "tova"):
                     acc[:] = received
                 else:
@@ -257,6 +276,8 @@ def run(model, input_ids, method, budget, max_new_tokens, start_size=1, distance
                         victim = min(max(start_size, prompt_entries + distance), len(pos) - 1)
                     elif method == "local":
                         victim = start_size
+                    elif method == "h2o-ref":  # lowest score in slots start_size .. S - 2
+                        victim = min(range(start_size, len(pos) - 1), key=lambda i: acc[i])
                     elif method in ("snapkv", "tova"):
                         victim = min(range(len(pos)), key=lambda i: (acc[i], pos[i]))
                     else:  # h2o

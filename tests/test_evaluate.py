@@ -281,3 +281,16 @@ def test_ablation_table_runs_every_variant(llava, tmp_path):
     assert saved["record"]["options"] == {"scope": "head"}
     text = ablation.markdown(rows)
     assert all(f"| {v[0]} |" in text for v in ablation.PAPER) and "3.60" in text
+
+
+def test_compressed_positions_protocol_in_the_evaluation(llava):
+    """With nothing evicted the cache's length is the true position, so the protocols agree;
+    compressed, they differ (the reference code's protocol shifts every decoded token)."""
+    model, processor = llava
+    samples = _samples()[:2]
+    true = evaluate.run(model, processor, samples, methods=("elastic",), budgets=(0.4, 1.0), max_new_tokens=4,
+                        progress=False)
+    comp = evaluate.run(model, processor, samples, methods=("elastic",), budgets=(0.4, 1.0), max_new_tokens=4,
+                        positions="compressed", progress=False)
+    assert comp[2]["ppl"] == pytest.approx(true[2]["ppl"], rel=1e-5)  # elastic at budget 1.0
+    assert abs(comp[1]["ppl"] - true[1]["ppl"]) > 1e-4 * true[1]["ppl"]  # elastic at 0.4

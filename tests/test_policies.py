@@ -31,6 +31,8 @@ CASES = [
     ("snapkv", dict(window=8, kernel=3, pooling="max", heads="mean")),
     ("tova", dict()),
     ("tova", dict(heads="each")),
+    ("h2o-ref", dict()),
+    ("elastic", dict(scope="shared", decode="lowest-frequency")),
 ]
 
 
@@ -70,7 +72,10 @@ def test_option_matches_naive_reference(llama, case):
     assert len(trace.evictions) > 0  # the decode rule was exercised
     minimum = len(protected_of(method, T, 1, options.get("protect", "none"), options.get("protect_last", 8),
                                SPANS)) + 1
-    assert trace.lengths == ref["lengths"] == [exact_keep(budget, T + s, minimum) for s in range(n)]
+    expected = [exact_keep(budget, T + s, minimum) for s in range(n)]
+    if method == "h2o-ref":  # its rank-position selection keeps one entry under the budget
+        expected = [min(e, expected[0] - 1 + s) for s, e in enumerate(expected)]
+    assert trace.lengths == ref["lengths"] == expected
     for l, layer in enumerate(cache.layers):  # the K/V left at the end, row by row
         keys, values = layer._rows(layer.keys), layer._rows(layer.values)
         ref_k = ref["keys"][l][0].unflatten(0, (layer.groups, -1))
@@ -120,3 +125,25 @@ def test_shared_scope_keeps_the_same_positions_in_every_layer(llama):
     generate(llama, prompt(48, seed=6), cache, 1)  # no decode step: the trace plans the prefill
     kept = [layer.kept.tolist() for layer in cache.trace.layers]
     assert all(k == kept[0] for k in kept) and len(kept[0]) == exact_keep(0.3, 48, 3)
+
+
+@pytest.mark.parametrize("method", ["elastic", "h2o-ref"])
+def test_compressed_positions_protocol_matches_naive(llama, method):
+    """positions="compressed" feeds each decoded token at the cache's length (the reference
+    code's protocol); the answer differs from the true-position run."""
+    from elastic.generation import _compressed_positions
+
+    T, n = 48, 12
+    ids = prompt(T, seed=3)
+    cache = elastic.make_cache(method, budget=0.4, distance=-6, positions="compressed")
+    hook = _compressed_positions(llama, cache)
+    try:
+        out = generate(llama, ids, cache, n)
+    finally:
+        hook.remove()
+    tokens, _ = run(llama, ids, method, 0.4, n, distance=-6, positions="compressed")
+    assert out[0, T:].tolist() == tokens
+    true_tokens, _ = run(llama, ids, method, 0.4, n, distance=-6)
+    assert tokens != true_tokens
+    with pytest.raises(ValueError, match="unknown positions"):
+        elastic.make_cache(method, positions="restart")

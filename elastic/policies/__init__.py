@@ -12,12 +12,13 @@ from ..budget import check_budget
 from .base import Policy, Prefill
 from .elastic_cache import ElasticPolicy
 from .h2o import H2OPolicy
+from .h2o_reference import ReferenceH2OPolicy
 from .local import LocalPolicy
 from .snapkv import SnapKVPolicy
 from .tova import TOVAPolicy
 
 POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (Policy, ElasticPolicy, H2OPolicy, LocalPolicy, SnapKVPolicy, TOVAPolicy)
+    p.name: p for p in (Policy, ElasticPolicy, H2OPolicy, LocalPolicy, SnapKVPolicy, TOVAPolicy, ReferenceH2OPolicy)
 }
 METHODS: tuple[str, ...] = tuple(POLICIES)
 
@@ -41,4 +42,4 @@ def make_policy(method: str, **params) -> Policy:
 
 
 __all__ = ["POLICIES", "METHODS", "make_policy", "Policy", "Prefill", "ElasticPolicy", "H2OPolicy",
-           "LocalPolicy", "SnapKVPolicy", "TOVAPolicy"]
+           "LocalPolicy", "SnapKVPolicy", "TOVAPolicy", "ReferenceH2OPolicy"]

@@ -155,6 +155,10 @@ class Policy:
         """
         return prompt.positions().clone()
 
+    def initial_accumulated(self, scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Per-entry score ``[rows, S]`` the kept entries start decoding with: their own prefill score."""
+        return scores.gather(1, kept)
+
     def decode_score(self, query, key, scaling) -> torch.Tensor:
         """Attention this decode step pays each entry, ``[rows, S]`` in slot order."""
         received = scoring.attention_received(query, key, scaling, per_head=self.per_head)
