@@ -32,7 +32,7 @@ PROTECTED_COLOUR = "#f4c20d"
 SCORE_FLOOR = 1e-6
 
 METHOD_NAMES = {"full": "Full cache", "elastic": "Elastic Cache", "h2o": "H2O", "local": "Local (StreamingLLM)",
-                "snapkv": "SnapKV", "tova": "TOVA"}
+                "snapkv": "SnapKV", "tova": "TOVA", "h2o-ref": "H2O (reference code)"}
 
 
 def resolve_step(trace, step) -> int:

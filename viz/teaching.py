@@ -21,6 +21,10 @@ _OTHER_METHODS = {
               "dropped. While decoding it drops the entry the newest token attends to least.",
     "tova": "TOVA keeps the entries the newest token attends to most, and re-decides at every step: "
             "the entry the newest token attends to least is dropped.",
+    "h2o-ref": "This is H2O as the paper's reference code runs it: one score shared by all layers, no "
+               "recent window, and a selection that keeps <i>rank positions</i> instead of the "
+               "highest-scoring tokens, so the kept set is close to random. It is the baseline of the "
+               "paper's tables; pick <b>h2o</b> for textbook H2O.",
 }
 _PREFILL = {
     "merge": "Every other token joins its nearest anchor by position, and the anchor's key and value become "
