@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import scoring
+from .budget import keep_count
 from .policies import Policy, Prefill, make_policy
 from .trace import LayerTrace, Trace
 
@@ -490,6 +491,7 @@ class PolicyCache(Cache):
                 fixed_point=policy.fixed_point(first.prompt_entries)
                 if hasattr(policy, "fixed_point") and decode_rule == "fixed-point" else None,
                 bytes_per_entry=int(per_entry),
+                budget_entries=keep_count(policy.budget, T, 0),
                 options=policy.options(),
                 variant=policy.variant(),
                 head=head,

@@ -77,6 +77,9 @@ class Trace:
         Elastic's eviction index N_tl (slot index in the cache), None for other methods.
     bytes_per_entry : int
         Bytes of K and V, all layers, for one cache entry of this sequence.
+    budget_entries : int or None
+        ``ceil(budget * T)``, the entries the budget alone allows after the prefill; a layer
+        keeps more when the policy's minimum (protected tokens plus one) is larger.
     spans : dict
         Token-type spans ``name -> (start, end)`` (end exclusive) over prompt positions,
         e.g. ``system``, ``image``, ``instruction``; filled by :func:`elastic.generate`.
@@ -107,6 +110,7 @@ class Trace:
     tokens_seen: int
     fixed_point: int | None
     bytes_per_entry: int
+    budget_entries: int | None = None
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     image_grid: tuple[int, int] | None = None
     tokens: list[str] | None = None

@@ -272,6 +272,24 @@ def test_explain_html_uses_the_trace_numbers(traces):
     assert "Send a message" in viz.explain_html(None)
 
 
+def test_explain_html_states_the_clamped_numbers():
+    """The numbers come from the trace and the budget rule, also when the minimum or the
+    fixed point's clamp applied (hand-computed for T = 90)."""
+    model = elastic.attach(tiny_llama(layers=2, sharpness=4.0))
+    # budget 0.05, 16 sinks: ceil(0.05 * 90) = 5, but Elastic needs 16 + 1 (last token) + 1 = 18
+    raised = _run(model, "elastic", budget=0.05, start_size=16, distance=-25)
+    text = viz.explain_html(raised)
+    assert len(raised.layers[0].kept) == 18 and raised.budget_entries == 5
+    assert "&lceil;&gamma;&middot;T&rceil; = 5 entries, raised to the minimum of 18" in text
+    # budget 0.2: ceil(0.2 * 90) = 18 entries; 18 + (-25) = -7 falls inside the sink, clamped to 1
+    clamped = _run(model, "elastic", budget=0.2, distance=-25)
+    text = viz.explain_html(clamped)
+    assert clamped.fixed_point == 1 and "= -7, which would fall inside the attention sink" in text
+    assert "clamped to 1" in text
+    full = viz.explain_html(_run(model, "full"))
+    assert "No scoring" in full and "does not measure attention" in full
+
+
 def test_explain_html_counts_merged_instruction_tokens(traces):
     t = traces["elastic"]
     start, end = t.spans["instruction"]

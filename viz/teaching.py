@@ -83,14 +83,17 @@ def explain_html(trace, layer: int = 0) -> str:
     scores = lt.scores
     top = None if scores is None else int(np.argmax(scores))
     p = []
-    p.append(
-        f"<p><b>1. Scoring (prefill).</b> Reading the prompt ({T} tokens: "
-        f"{_count_types(trace, range(T))}), every layer measures how much attention each token "
-        "receives from the whole prompt. That is the <i>attention frequency</i> heatmap."
-        + ("" if top is None else
-           f" In layer {layer} the most attended token is position {top} '{token_text(trace, top)}' "
-           f"({trace.token_type(top)}).")
-        + "</p>")
+    if scores is None:
+        p.append(f"<p><b>1. No scoring.</b> The prompt has {T} tokens ({_count_types(trace, range(T))}). "
+                 f"{html.escape(method_name(trace.method))} does not measure attention, so the heatmap "
+                 "is empty.</p>")
+    else:
+        p.append(
+            f"<p><b>1. Scoring (prefill).</b> Reading the prompt ({T} tokens: "
+            f"{_count_types(trace, range(T))}), every layer measures how much attention each token "
+            "receives. That is the <i>attention frequency</i> heatmap."
+            f" In layer {layer} the most attended token is position {top} '{token_text(trace, top)}' "
+            f"({trace.token_type(top)}).</p>")
     if trace.method != "elastic":
         p.append(f"<p><b>This answer used {html.escape(method_name(trace.method))}.</b> "
                  f"{_OTHER_METHODS.get(trace.method, '')} In layer {layer} it kept {len(kept)} of {T} prompt "
@@ -104,9 +107,14 @@ def explain_html(trace, layer: int = 0) -> str:
     extra = {"instruction": ", the instruction", "last": f", the last {options.get('protect_last')} prompt tokens"}
     who = {"layer": "Each layer picks its own anchors.", "shared": "All layers share one score, so one set of anchors.",
            "head": f"Each KV head picks its own anchors (this is KV head {trace.head})."}[options["scope"]]
+    if trace.budget_entries is not None and trace.budget_entries < len(kept):
+        allowance = (f"&lceil;&gamma;&middot;T&rceil; = {trace.budget_entries} entries, raised to the "
+                     f"minimum of {len(kept)} this method needs (its protected tokens plus one anchor)")
+    else:
+        allowance = f"&lceil;&gamma;&middot;T&rceil; = {len(kept)} entries"
     p.append(
         f"<p><b>2. Anchors.</b> The budget &gamma; = {trace.budget:g} lets each layer keep "
-        f"&lceil;&gamma;&middot;T&rceil; = {len(kept)} entries: {len(protected)} protected "
+        f"{allowance}: {len(protected)} protected "
         f"({_sinks(trace.start_size)}{extra.get(options['protect'], '')} plus the last prompt token) and "
         f"{len(anchors)} of {_IMPORTANCE[options['importance']]}, the <i>anchors</i> (layer {layer}: "
         f"{_count_types(trace, anchors)}). {who}</p>")
@@ -142,11 +150,14 @@ def explain_html(trace, layer: int = 0) -> str:
             f"&lceil;&gamma; &times; tokens seen&rceil; entries. Beyond that this variant deletes {rule}, "
             f"instead of the paper's fixed point. Here: {len(evictions)} deletions over {steps} decoding steps.</p>")
         return "\n".join(p)
+    raw = len(kept) + trace.distance
+    where = "before the first slot" if trace.start_size == 0 else f"inside {_sinks(trace.start_size)}"
+    clamp = "" if raw == trace.fixed_point else f", which would fall {where}, so it is clamped to {trace.fixed_point}"
     p.append(
         "<p><b>4. Fixed-point elimination (decoding).</b> While the answer grows, the cache may hold "
         "&lceil;&gamma; &times; tokens seen&rceil; entries. Beyond that, one entry is deleted at a fixed "
         f"slot N<sub>tl</sub> = compressed prompt ({len(kept)}) + distance ({trace.distance}) = "
-        f"{trace.fixed_point}. Slots before N<sub>tl</sub> (the compressed prompt head) stay forever; "
+        f"{raw}{clamp}. Slots before N<sub>tl</sub> (the compressed prompt head) stay forever; "
         "behind it a window of the most recent tokens slides along. "
         f"Here: {len(evictions)} deletions over {steps} decoding steps. Move the step slider to replay them.</p>")
     return "\n".join(p)
