@@ -122,11 +122,13 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write(rows: list[dict], out) -> Path:
+def write(rows: list[dict], out, name: str) -> Path:
+    """``ablation-NAME.json`` and ``ablation-NAME.md`` in ``out`` (ablations may share a folder
+    and its saved parts, e.g. the full cache and the default Elastic)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(rows, indent=1) + "\n")
-    path = out / "ablation.md"
+    (out / f"ablation-{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    path = out / f"ablation-{name}.md"
     path.write_text(markdown(rows) + "\n")
     return path
 

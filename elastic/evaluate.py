@@ -394,7 +394,8 @@ def main(argv=None) -> list[dict]:
                              out, name, args.data, args.max_new_tokens, _params(args), resume=not args.fresh)
         rows = ablation.table(parts, args.ablation)
         print(ablation.markdown(rows))
-        print(f"wrote {ablation.write(rows, out)} and ablation.json")
+        path = ablation.write(rows, out, args.ablation)
+        print(f"wrote {path} and {path.with_suffix('.json').name}")
         return rows
     out = args.out or "runs/eval"
     records = run(model, processor, samples, methods, budgets or DEFAULT_BUDGETS, out=out, model_name=name,

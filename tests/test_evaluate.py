@@ -294,3 +294,18 @@ def test_compressed_positions_protocol_in_the_evaluation(llava):
                         positions="compressed", progress=False)
     assert comp[2]["ppl"] == pytest.approx(true[2]["ppl"], rel=1e-5)  # elastic at budget 1.0
     assert abs(comp[1]["ppl"] - true[1]["ppl"]) > 1e-4 * true[1]["ppl"]  # elastic at 0.4
+
+
+def test_ablation_command_line(tmp_path, capsys):
+    rows = evaluate.main(["--model", "tiny-llava", "--ablation", "protocol", "--samples", "2",
+                          "--max-new-tokens", "3", "--out", str(tmp_path)])
+    from elastic.ablation import PROTOCOL
+
+    assert [r["variant"] for r in rows] == ["full"] + [v[0] for v in PROTOCOL]
+    by = {r["variant"]: r for r in rows}
+    assert by["h2o-ref-compressed-positions"]["options"] == {"positions": "compressed"}
+    assert (tmp_path / "ablation-protocol.md").read_text().startswith("| variant | PPL |")
+    assert json.loads((tmp_path / "ablation-protocol.json").read_text()) == json.loads(json.dumps(rows))
+    assert "ablation-protocol.md" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="one budget"):
+        evaluate.main(["--model", "tiny-llava", "--ablation", "paper", "--budgets", "0.3", "0.5"])
