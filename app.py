@@ -26,9 +26,10 @@ import math
 import os
 import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -46,6 +47,7 @@ ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cac
                     "prefill": elastic_cache.PREFILLS, "decode": elastic_cache.DECODES,
                     "protect": elastic_cache.PROTECTS}
 EMPTY = "(empty answer)"
+STREAM_HZ = 10  # chat updates per second while streaming
 
 
 # -- model and sessions ------------------------------------------------------------------------
@@ -83,6 +85,7 @@ class Session:
     trace: elastic.Trace | None = None
     image: object = None  # PIL image of the last answer, for the overlay
     stats: dict | None = None
+    stop: threading.Event = field(default_factory=threading.Event)  # set by the Stop button
 
 
 SESSIONS: OrderedDict[str, Session] = OrderedDict()
@@ -282,6 +285,8 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
         yield (history, gr.update(value=message), _problem(str(error)), *no_change)
         return
     tokenizer = getattr(processor, "tokenizer", processor)
+    stop = session_of(request).stop
+    stop.clear()  # a Stop pressed before this answer started does not end it
     # No timeout: run() always ends the stream, and a big model's prefill can be slow.
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     result = {}
@@ -293,7 +298,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
             result["gen"] = elastic.generate(
                 model, processor, image, messages, method=method, budget=float(budget),
                 start_size=int(start_size), distance=int(distance), max_new_tokens=int(max_new_tokens),
-                streamer=streamer, **options)
+                streamer=streamer, stop=stop, **options)
         except Exception as error:  # reported in the UI below; the server keeps serving
             result["error"] = error
         finally:
@@ -301,12 +306,17 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    partial = ""
+    partial, last = "", 0.0
+    generating = gr.update(value=f"Generating with {viz.method_name(method)}… (Stop ends it){note}")
     for chunk in streamer:
         partial += chunk
-        shown[-1] = {"role": "assistant", "content": partial}
-        yield (shown, gr.update(), f"Generating with {viz.method_name(method)}… ({len(partial.split())} words)"
-               f"{note}", *no_change)
+        # The chat text only, and at most STREAM_HZ times a second: every update costs a
+        # round trip to the browser, which would otherwise slow the model down.
+        if time.perf_counter() - last >= 1 / STREAM_HZ:
+            last = time.perf_counter()
+            shown[-1] = {"role": "assistant", "content": partial}
+            yield (shown, gr.update(), generating, *no_change)
+            generating = gr.update()
     worker.join()
     if "error" in result:
         error = result["error"]
@@ -327,6 +337,11 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     yield (shown, gr.update(), viz.summary_markdown(gen.trace, gen.stats, gen.warnings), *panel,
            gr.update(maximum=max(layers - 1, 1), value=layer), gr.update(maximum=max(steps, 1), value=steps),
            head_slider(gen.trace))
+
+
+def stop_generation(request: gr.Request = None):
+    """End this session's generation after the current token; what was written stays."""
+    session_of(request).stop.set()
 
 
 def clear_chat(request: gr.Request):
@@ -479,6 +494,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             distance = gr.Slider(-64, 0, value=-25, step=1, label="Distance (N_tl offset)")
                             max_new = gr.Slider(1, 512, value=160, step=1, label="Max new tokens")
                         with gr.Row():
+                            stop = gr.Button("Stop", size="sm", variant="stop", elem_id="stop")
                             clear = gr.Button("Clear chat", size="sm")
                             to_compare = gr.Button("Compare methods on this question", size="sm")
                         if examples:
@@ -528,6 +544,8 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
         controls = [method, budget, start_size, distance, max_new, layer, importance, scope, prefill, decode, protect]
         msg.submit(chat, [msg, chatbot, *controls], [chatbot, msg, status, *panel, layer, step, head],
                    api_name="chat", concurrency_id="model", concurrency_limit=1)
+        # Not queued: it must get through while the chat holds the model's queue slot.
+        stop.click(stop_generation, None, None, api_name="stop", queue=False)
         for slider in (layer, step, head):
             slider.change(on_slider, [layer, step, head], panel, api_name=False, show_progress="hidden",
                           trigger_mode="always_last")

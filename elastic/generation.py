@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .budget import keep_count
 from .cache import PolicyCache, make_cache
@@ -188,6 +189,16 @@ class _Clock:
         self.handle.remove()
 
 
+class _Stop(StoppingCriteria):
+    """Ends generation once ``event`` is set (checked after every token)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def _compressed_positions(model, cache):
     """Feed every decoded token at the cache's length, as the reference code does."""
     if hasattr(getattr(model, "model", None), "get_rope_index"):
@@ -205,7 +216,7 @@ def _compressed_positions(model, cache):
 @torch.inference_mode()
 def generate(model, processor, image, prompt, method: str = "elastic", budget: float = 0.5,
              max_new_tokens: int = 64, streamer=None, start_size: int = 1, distance: int = -25,
-             positions: str = "true", **policy_params) -> Generation:
+             positions: str = "true", stop=None, **policy_params) -> Generation:
     """Answer ``prompt`` about ``image`` with a compressed KV cache.
 
     Parameters
@@ -224,6 +235,9 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         Decoded tokens at their true positions (default), or at the compressed cache's
         length as the reference code feeds them (to reproduce the paper's protocol; 1-D
         RoPE models only).
+    stop : optional ``threading.Event``
+        Setting it ends the generation after the current token; the result (text, trace,
+        stats) then covers what was generated, and ``stats["stopped"]`` is True.
     """
     if not is_attached(model):
         raise RuntimeError("call elastic.attach(model) (or use elastic.load_model) before elastic.generate")
@@ -268,6 +282,7 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         output = model.generate(
             **inputs, cache=cache, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([_Stop(stop)]) if stop is not None else None,
         )
     finally:
         clock.close()
@@ -291,5 +306,6 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         "kv_bytes": cache.kv_bytes(),
         "full_kv_bytes": trace.bytes_per_entry * trace.tokens_seen,
         "peak_mem_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
+        "stopped": bool(stop is not None and stop.is_set()),
     }
     return Generation(text=text, trace=trace, stats=stats, cache=cache, warnings=warnings)

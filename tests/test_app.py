@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,6 +177,28 @@ def test_chat_with_a_per_head_policy_shows_a_head_selector(server, images):
     drawn = app.render_panel(session, layer, steps, head=1)[1]  # the groups figure, for KV head 1
     assert drawn.to_json() == viz.merge_groups(heads[1], layer, steps).to_json()
     assert drawn.to_json() != viz.merge_groups(heads[0], layer, steps).to_json()
+
+
+def test_stop_ends_the_generation_and_keeps_what_was_written(server, images):
+    client = Client(server.url, verbose=False)
+    natural = chat(client, images["red"], "Describe the image in detail.", method="full", max_new_tokens=200)[-1]
+    n_natural = session_trace(client).decode_steps
+    message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}
+    job = client.submit(message, [], "full", 1.0, 1, -8, 200, 0, api_name="/chat")
+    deadline = time.time() + 60
+    while len(job.outputs()) < 3 and time.time() < deadline:  # "generating", then streamed text
+        time.sleep(0.05)
+    pressed = time.time()
+    client.predict(api_name="/stop")
+    final = job.result()
+    assert time.time() - pressed < 2.0
+    trace = session_trace(client)
+    assert 1 <= trace.decode_steps < n_natural  # ended early, with the trace of what ran
+    text = final[0][-1]["content"][0]["text"]
+    assert text and natural[0][-1]["content"][0]["text"].startswith(text.strip()[:20])
+    assert "Stopped after" in final[2]
+    again = chat(client, images["red"], "Describe the image in detail.", method="full", max_new_tokens=200)[-1]
+    assert session_trace(client).decode_steps == n_natural and "Stopped" not in again[2]  # the next one runs
 
 
 # -- compare --------------------------------------------------------------------------------------
