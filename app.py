@@ -48,6 +48,7 @@ ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cac
                     "protect": elastic_cache.PROTECTS}
 EMPTY = "(empty answer)"
 STREAM_HZ = 10  # chat updates per second while streaming
+GENERATING: set[threading.Thread] = set()  # generation threads running now (every one is a chat's)
 
 
 # -- model and sessions ------------------------------------------------------------------------
@@ -294,6 +295,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
                    decode=decode or "fixed-point", protect=protect or "none")
 
     def run():
+        GENERATING.add(threading.current_thread())
         try:
             result["gen"] = elastic.generate(
                 model, processor, image, messages, method=method, budget=float(budget),
@@ -303,21 +305,28 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
             result["error"] = error
         finally:
             streamer.end()  # unblock the loop below even if generate failed before streaming
+            GENERATING.discard(threading.current_thread())
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
     partial, last = "", 0.0
     generating = gr.update(value=f"Generating with {viz.method_name(method)}… (Stop ends it){note}")
-    for chunk in streamer:
-        partial += chunk
-        # The chat text only, and at most STREAM_HZ times a second: every update costs a
-        # round trip to the browser, which would otherwise slow the model down.
-        if time.perf_counter() - last >= 1 / STREAM_HZ:
-            last = time.perf_counter()
-            shown[-1] = {"role": "assistant", "content": partial}
-            yield (shown, gr.update(), generating, *no_change)
-            generating = gr.update()
-    worker.join()
+    try:
+        for chunk in streamer:
+            partial += chunk
+            # The chat text only, and at most STREAM_HZ times a second: every update costs a
+            # round trip to the browser, which would otherwise slow the model down.
+            if time.perf_counter() - last >= 1 / STREAM_HZ:
+                last = time.perf_counter()
+                shown[-1] = {"role": "assistant", "content": partial}
+                yield (shown, gr.update(), generating, *no_change)
+                generating = gr.update()
+    finally:
+        # Also when the client went away (gradio closes this generator at a yield): the
+        # model stops after the current token instead of running to the limit unseen.
+        if worker.is_alive():
+            stop.set()
+        worker.join()
     if "error" in result:
         error = result["error"]
         text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"

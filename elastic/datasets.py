@@ -107,8 +107,14 @@ def _records(path: Path) -> list[tuple[str, dict]]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a folder, not a JSON file") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not a UTF-8 text file (expected JSON)") from None
     except json.JSONDecodeError as error:
         raise DatasetError(f"{path}: not valid JSON ({error})") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to read") from None
     if isinstance(raw, dict):
         items = list(raw.items())
     elif isinstance(raw, list):
@@ -156,6 +162,8 @@ def _image_path(record: dict, where: str, image_dir: Path, hint: str, keys=("ima
     if not isinstance(name, str) or not name.strip():
         raise DatasetError(f"{where}: {key!r} must be an image file name, got {name!r}")
     path = image_dir / name
+    if not path.resolve().is_relative_to(image_dir.resolve()):
+        raise DatasetError(f"{where}: image {name!r} is outside the image folder {str(image_dir)!r}")
     if not path.is_file():
         raise DatasetError(f"{where}: image {str(path)!r} not found (set --image-dir to the images' folder)")
     return path
@@ -223,6 +231,8 @@ def load(data: str = "synthetic", image_dir=None, samples: int | None = None) ->
 
     ``samples`` keeps the first N (the synthetic sets are generated, N defaults to 50).
     """
+    if samples is not None and (isinstance(samples, bool) or int(samples) != samples or samples < 1):
+        raise DatasetError(f"samples must be a whole number >= 1, got {samples!r}")
     if data in SYNTHETIC:
         return synthetic(50 if samples is None else samples, data)
     image_dir, records = _located(data, image_dir)

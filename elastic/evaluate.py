@@ -376,14 +376,33 @@ def _params(args) -> dict:
 
 
 def main(argv=None) -> list[dict]:
+    """The command line; a user mistake ends it with one line ``error: ...``, no traceback."""
+    from .models import ModelLoadError
+
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except (ValueError, OSError, ModelLoadError) as error:  # DatasetError is a ValueError
+        raise SystemExit(f"error: {error}") from None
+
+
+def _main(args) -> list[dict]:
+    from .budget import check_budget
     from .models import DEFAULT_MODEL, load_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    budgets = _floats(args.budgets) if args.budgets else None
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    try:
+        budgets = [check_budget(b) for b in _floats(args.budgets)] if args.budgets else None
+    except ValueError as error:
+        raise ValueError(f"--budgets: {error}") from None
     if args.ablation and budgets and len(budgets) != 1:
-        raise SystemExit("--ablation runs at one budget: pass a single --budgets value")
-    samples = datasets.load(args.data, args.image_dir, args.samples)
+        raise ValueError("--ablation runs at one budget: pass a single --budgets value")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    samples = datasets.load(args.data, args.image_dir, args.samples)  # before the model: fail fast
     model, processor = load_model(args.model, device=args.device)
     name = args.model or DEFAULT_MODEL
     if args.ablation:

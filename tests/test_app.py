@@ -201,6 +201,26 @@ def test_stop_ends_the_generation_and_keeps_what_was_written(server, images):
     assert session_trace(client).decode_steps == n_natural and "Stopped" not in again[2]  # the next one runs
 
 
+def test_a_chat_whose_client_leaves_stops_generating(server, images):
+    client = Client(server.url, verbose=False)
+    message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}
+    eos = server.model.generation_config.eos_token_id
+    server.model.generation_config.eos_token_id = None  # it would run to 500 tokens (about 30 s)
+    try:
+        job = client.submit(message, [], "full", 1.0, 1, -8, 500, 0, api_name="/chat")
+        deadline = time.time() + 60
+        while len(job.outputs()) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.GENERATING, "the generation should be running"
+        job.cancel()  # what gradio does when a browser tab goes away
+        deadline = time.time() + 5
+        while app.GENERATING and time.time() < deadline:
+            time.sleep(0.05)
+        assert not app.GENERATING, "the generation kept running after its client left"
+    finally:
+        server.model.generation_config.eos_token_id = eos
+
+
 # -- compare --------------------------------------------------------------------------------------
 def test_compare_endpoint_returns_answers_and_metrics(server, images):
     client = Client(server.url, verbose=False)

@@ -309,3 +309,37 @@ def test_ablation_command_line(tmp_path, capsys):
     assert "ablation-protocol.md" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="one budget"):
         evaluate.main(["--model", "tiny-llava", "--ablation", "paper", "--budgets", "0.3", "0.5"])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--budgets", "0.5", "1.5"], "--budgets: budget must be in (0, 1]"),
+    (["--budgets", "abc"], "--budgets: could not convert"),
+    (["--samples", "0"], "samples must be a whole number >= 1"),
+    (["--methods", "elastic,magic"], "unknown method(s) ['magic']"),
+    (["--data", "/"], "is a folder, not a JSON file"),
+])
+def test_command_line_mistakes_are_one_line_before_the_model_loads(argv, expected, monkeypatch):
+    import elastic.models
+
+    monkeypatch.setattr(elastic.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as raised:
+        evaluate.main(argv)
+    assert str(raised.value).startswith("error: ") and expected in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_data_files_cannot_name_images_outside_the_image_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.png").write_bytes((IMAGES / "red.png").read_bytes())
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"image": "../secret.png", "question": "q ?", "answer": "a ."}]))
+    with pytest.raises(datasets.DatasetError, match="outside the image folder"):
+        datasets.load(str(data), tmp_path / "images")
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00not text")
+    with pytest.raises(datasets.DatasetError, match="not a UTF-8 text file"):
+        datasets.load(str(binary))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(datasets.DatasetError, match="nested too deeply"):
+        datasets.load(str(deep))
