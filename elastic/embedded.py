@@ -156,7 +156,8 @@ def build_processor(lm_dir: Path, manifest: dict):
     and the tiny LLaVA's image processor (108 px, 12 px patches: 81 image tokens)."""
     from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir, extra_special_tokens={"image_token": IMAGE_TOKEN})
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir, extra_special_tokens={"image_token": IMAGE_TOKEN},
+                                              trust_remote_code=False)
     tokenizer.padding_side = "left"
     tokenizer.chat_template = CHAT_TEMPLATE  # the same template for text-only use of the tokenizer
     size = manifest["image_size"]
@@ -174,7 +175,7 @@ def build_model(lm_dir: Path, manifest: dict, image_token_id: int):
     from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
     from safetensors.torch import load_file
 
-    text = AutoConfig.from_pretrained(lm_dir)
+    text = AutoConfig.from_pretrained(lm_dir, trust_remote_code=False)
     text.vocab_size = image_token_id + 1
     config = LlavaConfig(vision_config=CLIPVisionConfig(**manifest["vision_config"]), text_config=text,
                          image_token_id=image_token_id, image_seq_length=manifest["image_tokens"],

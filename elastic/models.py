@@ -99,13 +99,14 @@ def load_processor(name: str, config=None):
     try:
         return AutoProcessor.from_pretrained(name, trust_remote_code=False)
     except Exception:
-        config = config or AutoConfig.from_pretrained(name)
+        config = config or AutoConfig.from_pretrained(name, trust_remote_code=False)
         if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
             from transformers import Qwen2VLImageProcessorPil
 
-            return QwenVLProcessor(Qwen2VLImageProcessorPil.from_pretrained(name), AutoTokenizer.from_pretrained(name))
+            return QwenVLProcessor(Qwen2VLImageProcessorPil.from_pretrained(name, trust_remote_code=False),
+                                   AutoTokenizer.from_pretrained(name, trust_remote_code=False))
         if not hasattr(config, "vision_config"):
-            return AutoTokenizer.from_pretrained(name)
+            return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         raise
 
 
