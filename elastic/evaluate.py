@@ -272,7 +272,8 @@ def figure(records: list[dict]):
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("PPL (lower is better)", "ROUGE-L (higher is better)"))
-    colours = {"elastic": "#d62728", "h2o": "#1f77b4", "local": "#2ca02c", "full": "#444444"}
+    colours = {"elastic": "#d62728", "h2o": "#1f77b4", "local": "#2ca02c", "snapkv": "#9467bd", "tova": "#ff7f0e",
+               "h2o-ref": "#17becf", "full": "#444444"}
     budgets = sorted({r["budget"] for r in records if r["method"] != "full"}) or [1.0]
     for method in dict.fromkeys(r["method"] for r in records):
         rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["budget"])
