@@ -63,12 +63,13 @@ def head_columns(attn, rows, kv_head=None, weights=None):
     if kv_head is not None:
         per = H // KV_HEADS[0]
         heads = [h for h in heads if h // per == kv_head]
+    rows = list(rows)
+    w = torch.tensor([1.0 if weights is None else weights[i] for i in rows], dtype=torch.float64)
     out = []
     for j in range(S):
         total = 0.0
-        for h in heads:
-            for i in rows:
-                total += float(attn[0, h, i, j].double()) * (1.0 if weights is None else weights[i])
+        for h in heads:  # one key, one head at a time; the query rows as one weighted sum
+            total += float((attn[0, h, rows, j].double() * w).sum())
         out.append(total / len(heads))
     return out
 
@@ -180,20 +181,22 @@ PER_HEAD = {"snapkv": "each", "tova": "mean"}  # the per-head default of the pee
 
 
 def run(model, input_ids, method, budget, max_new_tokens, start_size=1, distance=-25, recent_ratio=0.5,
-        spans=None, **o):
+        spans=None, prefill_inputs=None, **o):
     """Greedy generation with a hand-managed cache; returns tokens, per-layer records.
 
     Rows: one per KV head when the policy selects per head, else one for the whole layer
-    (then every KV head holds the same positions). ``o`` holds the ablation / peer options.
+    (then every KV head holds the same positions). ``o`` holds the ablation / peer options;
+    ``prefill_inputs`` go to the prefill forward only (a VLM's ``pixel_values``).
     """
     eager = eager_copy(model)
-    KV_HEADS[0] = model.config.num_key_value_heads
+    KV_HEADS[0] = getattr(model.config, "text_config", model.config).num_key_value_heads
     per_head = o.get("scope") == "head" or o.get("heads", PER_HEAD.get(method)) == "each"
     G = KV_HEADS[0] if per_head else 1
     T = input_ids.shape[1]
     cache = DynamicCache()
     with torch.no_grad():
-        out = eager(input_ids=input_ids, cache=cache, output_attentions=True, use_cache=True)
+        out = eager(input_ids=input_ids, cache=cache, output_attentions=True, use_cache=True,
+                    **(prefill_inputs or {}))
     n_layers = len(out.attentions)
     record = {"scores": [], "group": [], "kept": [], "evictions": [], "lengths": []}
     protected = protected_of(method, T, start_size, o.get("protect", "none"), o.get("protect_last", 8), spans)

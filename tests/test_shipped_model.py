@@ -69,3 +69,23 @@ def test_the_apps_examples_are_answered_right_with_the_full_cache(default):
             assert all_objects_right(scene, answer), (example["image"], answer)
         else:
             assert answer == example["reference"], (example["image"], answer)
+
+
+def test_default_elastic_on_the_shipped_model_is_the_papers_method(default):
+    """On the real 30-layer model, the library's default Elastic Cache makes the decisions of
+    the naive loop implementation of the paper's rules (eager attention maps), token for token."""
+    from naive import run
+
+    model, processor = default
+    inputs, _ = elastic.build_inputs(model, processor, [elastic.user_message(DESCRIBE_PROMPT, True)],
+                                     render(SCENE))
+    T, n = inputs["input_ids"].shape[1], 6
+    cache = elastic.make_cache("elastic", budget=0.5)
+    with torch.no_grad():
+        out = model.generate(**inputs, cache=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    tokens, ref = run(model, inputs["input_ids"], "elastic", 0.5, n,
+                      prefill_inputs={"pixel_values": inputs["pixel_values"]})
+    assert out[0, T:].tolist() == tokens
+    for layer, kept, group in zip(cache.trace.layers, ref["kept"], ref["group"], strict=True):
+        assert layer.kept.tolist() == kept and layer.group.tolist() == group
+    assert cache.trace.lengths == ref["lengths"]
