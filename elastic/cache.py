@@ -58,14 +58,14 @@ class PolicyLayer(DynamicLayer):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.positions: torch.Tensor | None = None  # [B, S] original position of each slot
+        self.positions: torch.Tensor | None = None  # [rows, S] original position of each slot
         self.accumulated: torch.Tensor | None = None  # [rows, S] per-entry decode score (H2O, TOVA)
         self.groups = 1  # rows per sample: KV heads for a per-head policy
         self.seen = 0  # tokens fed through this layer
-        self.forwards = 0  # forwards completed: 1 after the prefill
         self.prompt_length: int | None = None
         self.prompt_entries: int | None = None  # entries kept after the prefill
         self.awaiting_attention = False
+        self.pending_received: torch.Tensor | None = None  # a shared-score decode step's attention
         # Record, kept as tensors until a trace is asked for (no GPU sync per step).
         self.prefill_scores: torch.Tensor | None = None
         self.prefill_group: torch.Tensor | None = None
@@ -115,7 +115,6 @@ class PolicyLayer(DynamicLayer):
     def after_attention(self, query, key, attention_mask, scaling, num_layers: int | None = None):
         """Compress now that the layer has attended (called by the attach hook)."""
         self.awaiting_attention = False
-        self.forwards += 1
         if self.prompt_length is None:
             self._prefill(query, key, attention_mask, scaling, num_layers)
         else:
