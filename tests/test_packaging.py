@@ -78,6 +78,7 @@ def test_wheel_contents_and_metadata(wheel):
         metadata = z.read(f"{info}/METADATA").decode()
         scripts = z.read(f"{info}/entry_points.txt").decode()
     for module in ("elastic/__init__.py", "elastic/cache.py", "elastic/cli.py", "elastic/tiny/data.py",
+                   "elastic/policies/__init__.py", "elastic/policies/snapkv.py", "elastic/ablation.py",
                    "viz/__init__.py"):
         assert module in names
     assert not any(n.startswith(("tests/", "app.py", "assets/", "bench/")) for n in names)
