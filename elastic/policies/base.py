@@ -27,6 +27,9 @@ from .. import scoring
 from ..budget import check_budget, keep_count
 
 
+HEADS = ("each", "mean")  # a KV head keeps its own entries, or one selection from the heads' mean
+
+
 @dataclass
 class Prefill:
     """What a policy knows about the prompt when it plans the prefill.
@@ -93,7 +96,7 @@ class Policy:
         self.budget = check_budget(self.budget)
         self.start_size = whole("start_size", self.start_size, 0)
 
-    # -- what the cache asks ----------------------------------------------------------
+    # -- what the cache asks (a policy whose answer is fixed sets a plain class attribute) ---
     @property
     def scores_prefill(self) -> bool:
         """Needs the prompt's attention at the prefill."""

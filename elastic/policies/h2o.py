@@ -30,19 +30,13 @@ class H2OPolicy(Policy):
 
     name: ClassVar[str] = "h2o"
     summary: ClassVar[str] = "keeps the entries that received the most attention, plus a recent window"
+    scores_decode = True
+    scores_prefill = True
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"recent_ratio must be in [0, 1], got {self.recent_ratio!r}")
-
-    @property
-    def scores_prefill(self):
-        return True
-
-    @property
-    def scores_decode(self):
-        return True
 
     def recent_size(self, capacity: int) -> int:
         return min(capacity - 1, int(capacity * self.recent_ratio))

@@ -41,18 +41,9 @@ class ReferenceH2OPolicy(Policy):
 
     name: ClassVar[str] = "h2o-ref"
     summary: ClassVar[str] = "H2O as the paper's reference code runs it (shared score, rank-position bug)"
-
-    @property
-    def scores_prefill(self):
-        return True
-
-    @property
-    def scores_decode(self):
-        return True
-
-    @property
-    def shared_across_layers(self):
-        return True
+    shared_across_layers = True
+    scores_decode = True
+    scores_prefill = True
 
     def protected(self, prompt_length, spans=None):
         return [prompt_length - 1] if prompt_length else []

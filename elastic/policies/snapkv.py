@@ -8,9 +8,8 @@ from typing import ClassVar
 import torch
 
 from .. import scoring
-from .base import Policy, choice, keep_mask, lowest_score_slot, top_k_mask, whole
-
-HEADS = ("each", "mean")
+from .base import HEADS, Policy, choice, keep_mask, top_k_mask, whole
+from .tova import TOVAPolicy
 
 
 @dataclass
@@ -46,6 +45,8 @@ class SnapKVPolicy(Policy):
 
     name: ClassVar[str] = "snapkv"
     summary: ClassVar[str] = "the prompt's last queries vote for the entries to keep, per head"
+    scores_decode = True
+    scores_prefill = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -55,14 +56,6 @@ class SnapKVPolicy(Policy):
             raise ValueError(f"kernel must be odd (pooling keeps every position), got {self.kernel}")
         choice("pooling", self.pooling, ("avg", "max"))
         choice("heads", self.heads, HEADS)
-
-    @property
-    def scores_prefill(self):
-        return True
-
-    @property
-    def scores_decode(self):
-        return True
 
     @property
     def per_head(self):
@@ -81,11 +74,9 @@ class SnapKVPolicy(Policy):
         older = prompt.positions() < T - window
         return keep_mask(top_k_mask(scores, n_keep - window, older) | ~older, prompt)
 
-    def accumulate(self, accumulated, received):
-        return received  # only the newest token's attention counts
-
-    def decode_victim(self, layer):
-        return lowest_score_slot(layer, layer.accumulated, torch.ones_like(layer.positions, dtype=torch.bool))
+    # While decoding: TOVA's rule (the entry the newest token attends to least goes).
+    accumulate = TOVAPolicy.accumulate
+    decode_victim = TOVAPolicy.decode_victim
 
 
 def pool(scores: torch.Tensor, kernel: int, kind: str, length: int) -> torch.Tensor:

@@ -8,8 +8,7 @@ from typing import ClassVar
 import torch
 
 from .. import scoring
-from .base import Policy, choice, keep_mask, lowest_score_slot, top_k_mask
-from .snapkv import HEADS
+from .base import HEADS, Policy, choice, keep_mask, lowest_score_slot, top_k_mask
 
 
 @dataclass
@@ -32,18 +31,12 @@ class TOVAPolicy(Policy):
 
     name: ClassVar[str] = "tova"
     summary: ClassVar[str] = "keeps the entries the newest token attends to most, at every step"
+    scores_decode = True
+    scores_prefill = True
 
     def __post_init__(self):
         super().__post_init__()
         choice("heads", self.heads, HEADS)
-
-    @property
-    def scores_prefill(self):
-        return True
-
-    @property
-    def scores_decode(self):
-        return True
 
     @property
     def per_head(self):
@@ -56,7 +49,7 @@ class TOVAPolicy(Policy):
         return keep_mask(top_k_mask(scores, self.prompt_keep(prompt)), prompt)
 
     def accumulate(self, accumulated, received):
-        return received
+        return received  # only the newest token's attention counts
 
     def decode_victim(self, layer):
         return lowest_score_slot(layer, layer.accumulated, torch.ones_like(layer.positions, dtype=torch.bool))
