@@ -487,7 +487,7 @@ class PolicyCache(Cache):
                 evictions=evictions[np.lexsort((evictions[:, 2], evictions[:, 1], evictions[:, 0]))],
                 lengths=list(self.lengths),
                 tokens_seen=first.seen,
-                fixed_point=policy.fixed_point(first.prompt_entries)
+                fixed_point=policy.fixed_point(first.prompt_entries, first.prompt_length)
                 if hasattr(policy, "fixed_point") and decode_rule == "fixed-point" else None,
                 bytes_per_entry=int(per_entry),
                 budget_entries=keep_count(policy.budget, T, 0),

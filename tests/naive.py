@@ -147,7 +147,7 @@ def prefill_groups(method, scores, T, budget, start_size, recent_ratio=0.5, feat
     if method == "h2o-ref":  # the reference code's selection, as written (kv_cache.py, H2OCache)
         forget = T - n_keep
         if forget == 1:
-            candidates = list(range(start_size, T - 1))
+            candidates = list(range(min(start_size, T - 2), T - 1))
             victim = min(candidates, key=lambda t: scores[t])
             return [-1 if t == victim else t for t in range(T)]
         order = sorted(range(T - 1), key=lambda t: scores[t])  # argsort: token index of each rank
@@ -273,14 +273,15 @@ def run(model, input_ids, method, budget, max_new_tokens, start_size=1, distance
                     if method == "elastic" and decode == "recent":
                         victim = len(pos) - 1
                     elif method == "elastic" and decode == "lowest-frequency":
-                        allowed = [i for i in range(len(pos)) if pos[i] >= start_size]
+                        allowed = [i for i in range(len(pos)) if pos[i] >= min(start_size, T)]
                         victim = min(allowed, key=lambda i: (acc[i], pos[i]))
                     elif method == "elastic":
-                        victim = min(max(start_size, prompt_entries + distance), len(pos) - 1)
+                        victim = min(max(min(start_size, T), prompt_entries + distance), len(pos) - 1)
                     elif method == "local":
-                        victim = start_size
+                        victim = min(start_size, T)
                     elif method == "h2o-ref":  # lowest score in slots start_size .. S - 2
-                        victim = min(range(start_size, len(pos) - 1), key=lambda i: acc[i])
+                        first = min(start_size, len(pos) - 2)  # sinks cover all but the newest: the one before it
+                        victim = min(range(first, len(pos) - 1), key=lambda i: acc[i])
                     elif method in ("snapkv", "tova"):
                         victim = min(range(len(pos)), key=lambda i: (acc[i], pos[i]))
                     else:  # h2o

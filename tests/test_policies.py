@@ -86,6 +86,22 @@ def test_option_matches_naive_reference(llama, case):
             torch.testing.assert_close(values[r][:, order], ref_v[r], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method,options", [
+    ("local", {}), ("elastic", {}), ("elastic", dict(decode="lowest-frequency")), ("h2o-ref", {}),
+])
+def test_more_sinks_than_prompt_tokens(llama, method, options):
+    """``start_size`` longer than the prompt: the whole prompt is sinks, generated tokens are
+    not, and decoding evicts among them as the naive reference does (no IndexError)."""
+    T, n, start = 10, 12, 16
+    ids = prompt(T, seed=6)
+    cache = elastic.make_cache(method, budget=0.5, start_size=start, distance=-6, **options)
+    out = generate(llama, ids, cache, n)
+    tokens, ref = run(llama, ids, method, 0.5, n, start_size=start, distance=-6, **options)
+    assert out[0, T:].tolist() == tokens
+    assert [tuple(r) for r in cache.trace.evictions.tolist()] == sorted(ref["evictions"])
+    assert len(ref["evictions"]) > 0 and all(p >= T for _, _, p in ref["evictions"])
+
+
 def test_default_elastic_is_the_paper(llama):
     """Every option at its default is exactly the method without options."""
     ids = prompt(48, seed=4)

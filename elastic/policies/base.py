@@ -129,6 +129,11 @@ class Policy:
                 if f.name not in main and getattr(self, f.name) != f.default}
 
     # -- budget -----------------------------------------------------------------------
+    def sinks(self, prompt_length: int) -> int:
+        """How many leading prompt tokens are sinks: ``start_size``, or the whole prompt if
+        it is shorter (generated tokens are never sinks)."""
+        return min(self.start_size, prompt_length)
+
     def protected(self, prompt_length: int, spans: dict | None = None) -> list[int]:
         """Prompt positions that are never merged or evicted at the prefill."""
         return []

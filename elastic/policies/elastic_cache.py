@@ -112,7 +112,7 @@ class ElasticPolicy(Policy):
     # -- budget -----------------------------------------------------------------------
     def protected(self, prompt_length, spans=None):
         T = prompt_length
-        sinks = set(range(min(self.start_size, T)))
+        sinks = set(range(self.sinks(T)))
         extra = set()
         if self.protect == "last":
             extra = set(range(max(0, T - self.protect_last), T))
@@ -121,9 +121,11 @@ class ElasticPolicy(Policy):
         last = {T - 1} if T - 1 >= len(sinks) else set()
         return sorted(sinks | extra | last)
 
-    def fixed_point(self, prompt_entries: int) -> int:
-        """Slot index N_tl evicted while decoding, for a prompt compressed to ``prompt_entries``."""
-        return max(self.start_size, prompt_entries + self.distance)
+    def fixed_point(self, prompt_entries: int, prompt_length: int | None = None) -> int:
+        """Slot index N_tl evicted while decoding, for a prompt of ``prompt_length`` tokens
+        compressed to ``prompt_entries``: never one of the sinks."""
+        sinks = self.start_size if prompt_length is None else self.sinks(prompt_length)
+        return max(sinks, prompt_entries + self.distance)
 
     # -- score ------------------------------------------------------------------------
     def score(self, query, key, scaling):
@@ -178,8 +180,9 @@ class ElasticPolicy(Policy):
         if self.decode == "recent":
             return layer.slot_of_rank(layer.get_seq_length() - 1)
         if self.decode == "lowest-frequency":
-            return lowest_score_slot(layer, layer.accumulated, layer.positions >= self.start_size)
-        return layer.slot_of_rank(min(self.fixed_point(layer.prompt_entries), layer.get_seq_length() - 1))
+            return lowest_score_slot(layer, layer.accumulated, layer.positions >= self.sinks(layer.prompt_length))
+        return layer.slot_of_rank(min(self.fixed_point(layer.prompt_entries, layer.prompt_length),
+                                             layer.get_seq_length() - 1))
 
 
 def instruction_span(spans: dict | None, prompt_length: int) -> tuple[int, int]:

@@ -58,8 +58,9 @@ class ReferenceH2OPolicy(Policy):
         if forget <= 0:
             return positions.clone()
         if forget == 1:  # the reference's one-entry path: the lowest score after the sinks
-            head = scores[:, self.start_size:T - 1].float()
-            victim = self.start_size + head.argmin(dim=-1, keepdim=True)
+            first = min(self.start_size, T - 2)
+            head = scores[:, first:T - 1].float()
+            victim = first + head.argmin(dim=-1, keepdim=True)
             return positions.masked_fill(positions == victim, -1)
         order = scores[:, :T - 1].float().argsort(dim=-1, stable=True)  # token index of each rank
         keep = torch.zeros_like(positions, dtype=torch.bool)
@@ -73,4 +74,7 @@ class ReferenceH2OPolicy(Policy):
     def decode_victim(self, layer):
         rank = layer.positions.argsort(dim=-1).argsort(dim=-1)  # slot order as the reference sees it
         S = layer.get_seq_length()
-        return lowest_score_slot(layer, layer.accumulated, (rank >= self.start_size) & (rank < S - 1))
+        # The reference's sinks are slots; if they cover every slot but the newest, the one
+        # before the newest goes (the reference would fail on an empty range).
+        first = min(self.start_size, S - 2)
+        return lowest_score_slot(layer, layer.accumulated, (rank >= first) & (rank < S - 1))

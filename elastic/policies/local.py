@@ -24,7 +24,7 @@ class LocalPolicy(Policy):
     summary: ClassVar[str] = "keeps the first tokens (attention sinks) and the most recent ones"
 
     def protected(self, prompt_length, spans=None):
-        return list(range(min(self.start_size, prompt_length)))
+        return list(range(self.sinks(prompt_length)))
 
     def plan_prefill(self, scores, prompt):
         T, n_keep = prompt.length, self.prompt_keep(prompt)
@@ -33,4 +33,4 @@ class LocalPolicy(Policy):
         return keep_mask((positions < self.start_size) | (positions >= T - recent), prompt)
 
     def decode_victim(self, layer):
-        return layer.slot_of_rank(self.start_size)
+        return layer.slot_of_rank(self.sinks(layer.prompt_length))
