@@ -41,7 +41,13 @@ from elastic.policies import elastic_cache
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
+# Bounds on what one request or client may cost (each refusal is a clear message).
 MAX_SESSIONS = 200  # API clients never "unload": bound the memory they can hold
+MAX_SESSIONS_PER_CLIENT = 20  # so one client evicts only its own sessions
+MAX_QUESTION_CHARS = 4000  # checked before tokenising
+MAX_BODY_BYTES = 1 << 20  # JSON requests; uploads have their own 20 MB cap
+MAX_SECONDS = float(os.environ.get("ELASTIC_MAX_SECONDS", 120))  # per request, then it stops
+QUEUE_SIZE = int(os.environ.get("ELASTIC_QUEUE_SIZE", 16))  # waiting requests; more get "busy"
 COMPARE_METHODS = ("full", "elastic", "h2o")
 ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cache.SCOPES,
                     "prefill": elastic_cache.PREFILLS, "decode": elastic_cache.DECODES,
@@ -87,6 +93,7 @@ class Session:
     image: object = None  # PIL image of the last answer, for the overlay
     stats: dict | None = None
     stop: threading.Event = field(default_factory=threading.Event)  # set by the Stop button
+    client: str = ""  # the client's address: its sessions are capped on their own
 
 
 SESSIONS: OrderedDict[str, Session] = OrderedDict()
@@ -94,12 +101,21 @@ _SESSIONS_LOCK = threading.Lock()
 
 
 def session_of(request: gr.Request | None) -> Session:
+    """The request's session (most recently used last). Over the caps the oldest session of
+    the client holding the most goes, so one client filling the table evicts only its own."""
     key = getattr(request, "session_hash", None) or uuid.uuid4().hex
+    client = getattr(getattr(request, "client", None), "host", None) or ""
     with _SESSIONS_LOCK:
-        session = SESSIONS.pop(key, None) or Session()
-        SESSIONS[key] = session  # most recent last
-        while len(SESSIONS) > MAX_SESSIONS:
-            SESSIONS.popitem(last=False)
+        session = SESSIONS.pop(key, None) or Session(client=client)
+        SESSIONS[key] = session
+        while True:
+            counts = {}
+            for other in SESSIONS.values():
+                counts[other.client] = counts.get(other.client, 0) + 1
+            if len(SESSIONS) <= MAX_SESSIONS and counts[client] <= MAX_SESSIONS_PER_CLIENT:
+                break
+            heaviest = client if counts[client] > MAX_SESSIONS_PER_CLIENT else max(counts, key=counts.get)
+            del SESSIONS[next(k for k, v in SESSIONS.items() if v.client == heaviest)]
     return session
 
 
@@ -146,6 +162,64 @@ def readable_image_input(component: gr.Image) -> gr.Image:
     return component
 
 
+def checked_number(component: gr.Slider) -> gr.Slider:
+    """Make a slider refuse what API clients may send instead of a number ("abc", None, NaN)
+    with a message that names it; gradio's own bounds check follows."""
+    preprocess = component.preprocess
+
+    def checked(payload):
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
+            raise gr.Error(f"{component.label} must be a number from {component.minimum:g} to "
+                           f"{component.maximum:g}, got {str(payload)[:40]!r}.")
+        try:
+            return preprocess(payload)
+        except Exception as error:
+            raise gr.Error(f"{component.label}: {error}") from None
+
+    component.preprocess = checked
+    return component
+
+
+def checked_text(question: str) -> str:
+    """``question`` stripped; ``ValueError`` if it is too long or not valid text."""
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"The message has {len(question)} characters; the limit is {MAX_QUESTION_CHARS}.")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("The message has characters that are not valid text (a lone surrogate).") from None
+    return question.strip()
+
+
+class RequestTooLarge:
+    """ASGI middleware: refuse JSON request bodies over ``limit`` bytes before reading them
+    (uploads go to gradio's upload route, which has its own cap)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].endswith("/upload"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            body = json.dumps({"error": f"request body over {self.limit // 1024} KiB"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            return await send({"type": "http.response.body", "body": body})
+        received = 0
+
+        async def counted():  # a chunked body without a length is cut off at the limit
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise ValueError(f"request body over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
 # -- chat history <-> model messages -----------------------------------------------------------
 def _blocks(message) -> tuple[list[str], list[str]]:
     """(texts, file paths) of a chatbot message in any of gradio's content shapes."""
@@ -189,17 +263,27 @@ def conversation(history: list, question: str, new_image: str | None) -> tuple[l
 
 
 # -- side panel ----------------------------------------------------------------------------------
+def _index(value) -> int:
+    """A slider position as an index; what is not a finite number (an API client's NaN,
+    None or text) is 0. Figures clamp it to their range."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(value) if math.isfinite(value) else 0
+
+
 def render_panel(session: Session, layer, step, head=0):
     """Figures and teaching text for the session's last trace at ``layer`` / ``step``
     (and KV ``head``, for a policy that selects per head)."""
     trace = session.trace
     if trace is not None and trace.per_head:
-        trace = trace.of_head(int(min(max(int(head or 0), 0), len(trace.heads) - 1)))
+        trace = trace.of_head(min(max(_index(head), 0), len(trace.heads) - 1))
     if trace is None:
         empty = viz.message_figure("Send a message (or pick an example) to see the cache.")
         return empty, empty, empty, empty, viz.explain_html(None), empty, empty
-    layer = int(min(max(int(layer or 0), 0), trace.num_layers - 1))
-    step = viz.resolve_step(trace, step)
+    layer = min(max(_index(layer), 0), trace.num_layers - 1)
+    step = viz.resolve_step(trace, _index(step) if step is not None else None)
     groups = viz.merge_groups(trace, layer, step)
     timeline = viz.cache_timeline(trace, layer, step)
     # The teaching tab shows the same two figures next to the explanation.
@@ -246,17 +330,25 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     ``importance`` ... ``protect`` are Elastic's ablation options (other methods ignore them).
     """
     history = list(history or [])
-    message = message or {}
-    question = (message.get("text") or "").strip()
-    files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+    message = message if isinstance(message, dict) else {}
     no_change = [gr.update()] * 10
 
     def refuse(text):
         return (history, gr.update(), _problem(text), *no_change)
 
+    try:
+        question = checked_text(str(message.get("text") or ""))
+        files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
+        history_files = [f for turn in history for f in _blocks(turn)[1]]
+    except ValueError as error:
+        yield refuse(str(error))
+        return
+    except (AttributeError, KeyError, TypeError):
+        yield refuse("The message or the conversation history is malformed.")
+        return
     new_image = files[-1] if files else None
     try:
-        for path in files + [f for turn in history for f in _blocks(turn)[1]]:
+        for path in files + history_files:
             served_image(path)
         image = elastic.load_image(new_image) if new_image else None
     except ValueError as error:
@@ -266,7 +358,11 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
         yield refuse("The message is empty: type a question about the image.")
         return
     # Without an image anywhere in the context the model answers as a plain chat LM.
-    messages, image_path = conversation(history, question, new_image)
+    try:
+        messages, image_path = conversation(history, question, new_image)
+    except (AttributeError, KeyError, TypeError, IndexError):
+        yield refuse("The conversation history is malformed.")
+        return
     if image is None and image_path is not None:
         try:
             image = elastic.load_image(image_path)
@@ -308,7 +404,9 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
             GENERATING.discard(threading.current_thread())
 
     worker = threading.Thread(target=run, daemon=True)
+    limit = threading.Timer(MAX_SECONDS, lambda: (result.update(timed_out=True), stop.set()))  # bounded time
     worker.start()
+    limit.start()
     partial, last = "", 0.0
     generating = gr.update(value=f"Generating with {viz.method_name(method)}… (Stop ends it){note}")
     try:
@@ -327,6 +425,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
         if worker.is_alive():
             stop.set()
         worker.join()
+        limit.cancel()
     if "error" in result:
         error = result["error"]
         text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
@@ -337,11 +436,13 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     session = session_of(request)
     # A display-sized copy is all the overlay needs (sessions may pile up).
     session.trace, session.image, session.stats = gen.trace, image and _small(image), gen.stats
+    if result.get("timed_out"):
+        gen.warnings.append(f"Stopped at the time limit of {MAX_SECONDS:g} s per request.")
     for w in gen.warnings:
         gr.Warning(w)
     shown[-1] = {"role": "assistant", "content": gen.text or EMPTY}
     steps, layers = gen.trace.decode_steps, gen.trace.num_layers
-    layer = min(int(layer or 0), layers - 1)
+    layer = min(max(_index(layer), 0), layers - 1)
     panel = render_panel(session, layer, steps)
     yield (shown, gr.update(), viz.summary_markdown(gen.trace, gen.stats, gen.warnings), *panel,
            gr.update(maximum=max(layers - 1, 1), value=layer), gr.update(maximum=max(steps, 1), value=steps),
@@ -383,17 +484,56 @@ def compare_methods(methods) -> tuple[str, ...]:
     return ("full", *chosen)
 
 
+def in_background(fn, stop: threading.Event, idle):
+    """Run ``fn()`` in a thread and return its result, yielding ``idle`` while it runs.
+
+    A generator, so gradio can close it when the client leaves (or a job is cancelled):
+    then ``stop`` is set and the thread joined, and nothing runs on unseen.
+    """
+    result = {}
+
+    def run():
+        GENERATING.add(threading.current_thread())
+        try:
+            result["value"] = fn()
+        except Exception as error:  # raised again in the caller's thread
+            result["error"] = error
+        finally:
+            GENERATING.discard(threading.current_thread())
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.25)
+            if worker.is_alive():
+                yield idle
+    finally:
+        if worker.is_alive():
+            stop.set()
+        worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 @gpu
-def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, progress=gr.Progress()):
+def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, progress=gr.Progress(),
+            request: gr.Request = None):
     """Answer one question with the full cache and each of ``methods`` at ``budget``
-    (default: Elastic Cache and H2O).
+    (default: Elastic Cache and H2O). Stop (or the time limit) ends it after the current
+    method's current token; the methods that ran are shown.
 
     Returns the side-by-side HTML, a JSON summary (``answers`` and ``metrics`` per method)
     and the cache length of every method over the decoding steps.
     """
     if not image:
         raise gr.Error("Add an image to compare on.")
-    if not (question or "").strip():
+    try:
+        question = checked_text(str(question or ""))
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    if not question:
         raise gr.Error("Type a question to compare on.")
     try:
         picture = elastic.load_image(served_image(image))
@@ -404,15 +544,42 @@ def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, pr
     except elastic.ModelLoadError as error:
         raise gr.Error(str(error)) from None
     methods = compare_methods(methods)
-    results, traces, warnings = [], {}, []
-    for i, method in enumerate(methods):
-        progress((i, len(methods)), desc=f"{viz.method_name(method)}…")
-        try:
-            gen = elastic.generate(model, processor, picture, question.strip(), method=method,
-                                   budget=1.0 if method == "full" else float(budget),
-                                   max_new_tokens=int(max_new_tokens))
-        except ValueError as error:
-            raise gr.Error(f"{viz.method_name(method)}: {error}") from None
+    gens, warnings = [], []
+    stop = session_of(request).stop
+    stop.clear()
+    yield (gr.update(),) * 3  # from here gradio can close this generator if the client leaves
+    timed = {}
+    limit = threading.Timer(MAX_SECONDS, lambda: (timed.update(out=True), stop.set()))
+    limit.start()
+    try:
+        for i, method in enumerate(methods):
+            if stop.is_set():
+                break
+            progress((i, len(methods)), desc=f"{viz.method_name(method)}…")
+
+            def answer(method=method):
+                return elastic.generate(model, processor, picture, question, method=method,
+                                        budget=1.0 if method == "full" else float(budget),
+                                        max_new_tokens=int(max_new_tokens), stop=stop)
+            try:
+                gen = yield from in_background(answer, stop, (gr.update(),) * 3)
+            except ValueError as error:
+                raise gr.Error(f"{viz.method_name(method)}: {error}") from None
+            gens.append(gen)
+    finally:
+        limit.cancel()
+    if stop.is_set():
+        why = f"the time limit of {MAX_SECONDS:g} s" if timed else "Stop"
+        cut = f"{viz.method_name(methods[len(gens) - 1])}'s answer cut short" if gens[-1].stats["stopped"] else ""
+        not_run = ", ".join(map(viz.method_name, methods[len(gens):]))
+        warnings.append(f"Ended by {why}: " + "; ".join(filter(None, [cut, not_run and f"not run: {not_run}"])) + ".")
+    yield _compared(gens, methods, question, budget, warnings)
+
+
+def _compared(gens, methods, question, budget, warnings):
+    """The compare outputs for the generations that ran (full cache first)."""
+    results, traces = [], {}
+    for method, gen in zip(methods, gens):
         warnings += [w for w in gen.warnings if w not in warnings]
         reference = results[0]["text"] if results else gen.text
         results.append({"method": method, "text": gen.text, "stats": _clean(gen.stats),
@@ -421,7 +588,7 @@ def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, pr
     for w in warnings:
         gr.Warning(w)
     payload = {
-        "question": question.strip(), "budget": float(budget),
+        "question": question, "budget": float(budget),
         "answers": {r["method"]: r["text"] for r in results},
         "metrics": {r["method"]: {"rouge_l": r["rouge_l"], **{k: r["stats"].get(k) for k in (
             "prefill_s", "decode_s", "tokens_per_s", "new_tokens", "kv_bytes", "full_kv_bytes")}}
@@ -481,7 +648,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         with gr.Row():
                             method = gr.Radio([(viz.method_name(m), m) for m in elastic.METHODS], value="elastic",
                                               label="Method", elem_id="method")
-                            budget = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Budget (fraction kept)")
+                            budget = checked_number(gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Budget (fraction kept)"))
                         with gr.Accordion("Ablation: change one choice of Elastic Cache", open=False,
                                           elem_id="ablation"):
                             gr.Markdown("The defaults are the paper's method; each other value is one of its "
@@ -499,9 +666,10 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                                 protect = gr.Dropdown(list(ABLATION_CHOICES["protect"]), value="none",
                                                       label="Also protect")
                         with gr.Row():
-                            start_size = gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)")
-                            distance = gr.Slider(-64, 0, value=-25, step=1, label="Distance (N_tl offset)")
-                            max_new = gr.Slider(1, 512, value=160, step=1, label="Max new tokens")
+                            start_size = checked_number(gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)"))
+                            distance = checked_number(gr.Slider(-64, 0, value=-25, step=1,
+                                                                label="Distance (N_tl offset)"))
+                            max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens"))
                         with gr.Row():
                             stop = gr.Button("Stop", size="sm", variant="stop", elem_id="stop")
                             clear = gr.Button("Clear chat", size="sm")
@@ -533,13 +701,15 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                     with gr.Column(scale=2):
                         c_image = readable_image_input(gr.Image(type="filepath", label="Image", height=260))
                         c_question = gr.Textbox(label="Question", lines=2, elem_id="compare-question")
-                        c_budget = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget")
-                        c_max_new = gr.Slider(1, 512, value=160, step=1, label="Max new tokens")
+                        c_budget = checked_number(gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget"))
+                        c_max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens"))
                         c_methods = gr.CheckboxGroup(
                             [(viz.method_name(m), m) for m in elastic.METHODS if m != "full"],
                             value=[m for m in COMPARE_METHODS if m != "full"],
                             label="Methods beside the full cache", elem_id="compare-methods")
-                        c_run = gr.Button("Run side by side", variant="primary")
+                        with gr.Row():
+                            c_run = gr.Button("Run side by side", variant="primary")
+                            c_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
                         if examples:
                             gr.Examples([[e["image"], e["prompt"]] for e in examples], inputs=[c_image, c_question],
                                         elem_id="compare-examples")
@@ -555,6 +725,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                    api_name="chat", concurrency_id="model", concurrency_limit=1)
         # Not queued: it must get through while the chat holds the model's queue slot.
         stop.click(stop_generation, None, None, api_name="stop", queue=False)
+        c_stop.click(stop_generation, None, None, api_name=False, queue=False)
         for slider in (layer, step, head):
             slider.change(on_slider, [layer, step, head], panel, api_name=False, show_progress="hidden",
                           trigger_mode="always_last")
@@ -576,6 +747,18 @@ CSS = """
 """
 
 
+def serve(blocks: gr.Blocks | None = None, **launch):
+    """Queue and launch ``blocks`` (default: ``demo``) within the server's bounds; ``launch``
+    adds or overrides ``Blocks.launch`` arguments (host, port; tests: ``prevent_thread_lock``)."""
+    from starlette.middleware import Middleware
+
+    blocks = blocks or demo
+    blocks.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    options = dict(css=CSS, theme=gr.themes.Soft(), max_file_size="20mb", allowed_paths=[str(EXAMPLES_DIR)],
+                   state_session_capacity=MAX_SESSIONS, app_kwargs={"middleware": [Middleware(RequestTooLarge)]})
+    return blocks.launch(**{**options, **launch})
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=os.environ.get("ELASTIC_MODEL"),
@@ -595,6 +778,4 @@ if __name__ == "__main__":
     except elastic.ModelLoadError as error:
         hint = "" if args.model else " (./run.sh sets it up; or pass --model)"
         sys.exit(f"error: {error}{hint}")
-    demo.queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, share=args.share, css=CSS,
-        theme=gr.themes.Soft(), max_file_size="20mb", allowed_paths=[str(EXAMPLES_DIR)])
+    serve(server_name=args.host, server_port=args.port, share=args.share)

@@ -78,7 +78,7 @@ def main(argv=None):
     model, processor = elastic.load_model(args.model, device="cpu")
     model.generation_config.eos_token_id = None  # every answer decodes exactly --new tokens
     app.MODEL.set(model, processor)
-    app.demo.queue().launch(prevent_thread_lock=True, quiet=True)
+    app.serve(prevent_thread_lock=True, quiet=True)
     client = Client(app.demo.local_url, verbose=False)
     image = render(make_scene(VAL_OFFSET + 1))
     rows = []

@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         import app
 
         app.MODEL.set(model, processor)
-        app.demo.queue().launch(prevent_thread_lock=True, quiet=True)
+        app.serve(prevent_thread_lock=True, quiet=True)
         with tempfile.NamedTemporaryFile(suffix=".png") as f:
             render(scene, 324).save(f.name)
             for method in ("full", "elastic"):

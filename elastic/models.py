@@ -12,6 +12,7 @@ in bf16 when a GPU is present (``device_map="auto"`` spreads them over several G
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None):
+def load_model(name_or_path: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+               device_map: str | dict | None = None, offload_folder: str | Path | None = None):
     """Load ``(model, processor)`` ready for :func:`elastic.generate` (already attached).
 
     Parameters
@@ -55,6 +57,12 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
         default: CUDA if available.
     dtype : torch.dtype, optional
         Default: bfloat16 on CUDA, float32 on CPU.
+    device_map : str or dict, optional
+        Placement of the modules, as ``from_pretrained`` takes it (needs ``accelerate``):
+        ``"auto"``, or ``{module name: "cpu" | "cuda:N" | "disk"}``. Default: ``"auto"`` for
+        ``device="cuda"``, none otherwise (the whole model on ``device``).
+    offload_folder : str or Path, optional
+        Where modules mapped to ``"disk"`` are kept (default: a temporary folder).
     """
     name = str(name_or_path or DEFAULT_MODEL)
     if name in LOCAL_MODELS:
@@ -71,10 +79,13 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
         else:
             cls = transformers.AutoModelForCausalLM
         kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
-        if device == "cuda":
-            kwargs["device_map"] = "auto"
+        device_map = device_map or ("auto" if device == "cuda" else None)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+            if isinstance(device_map, dict) and "disk" in device_map.values():
+                kwargs["offload_folder"] = str(offload_folder or tempfile.mkdtemp(prefix="elastic-offload-"))
         model = cls.from_pretrained(name, trust_remote_code=False, **kwargs)
-        if device != "cuda":
+        if device_map is None:
             model = model.to(device)
         model.eval()
         processor = load_processor(name, config)

@@ -35,7 +35,7 @@ def _model():
 def server():
     model, processor = _model()
     app.MODEL.set(model, processor)
-    app.demo.queue().launch(prevent_thread_lock=True, quiet=True)
+    app.serve(prevent_thread_lock=True, quiet=True)
     yield SimpleNamespace(url=app.demo.local_url, model=model)
     app.demo.close()
 
@@ -326,7 +326,7 @@ def test_bad_input_keeps_the_conversation(server, images, conversation, case):
         "renamed text": (images["text_as_png"], "what ?", "not a readable image"),
         "corrupt": (images["corrupt"], "what ?", "not a readable image"),
         "empty": (None, "  ", "message is empty"),
-        "too long": (None, too_long, "context"),
+        "too long": (None, too_long, f"limit is {app.MAX_QUESTION_CHARS}"),
     }[case]
     out = chat(client, image, text, history=history)[-1]
     kept = history
@@ -351,6 +351,158 @@ def test_server_keeps_serving_after_bad_input(server, images):
         chat(client, images["text"], "what ?")
     out = chat(client, images["red"], "what colour ?")[-1]
     assert out[0][-1]["role"] == "assistant" and "KV entries" in out[2]
+
+
+# -- bounds on every request ---------------------------------------------------------------------
+def test_a_20_mb_question_is_refused_in_well_under_a_second(server):
+    import httpx
+
+    body = json.dumps({"data": [{"text": "a" * 20_000_000, "files": []}], "fn_index": 0, "session_hash": "big"})
+    start = time.perf_counter()
+    reply = httpx.post(server.url + "gradio_api/queue/join", content=body,
+                       headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 413 and "request body over" in reply.text
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_long_question_under_the_body_limit_is_refused_before_tokenising(server, images):
+    client = Client(server.url, verbose=False)
+    start = time.perf_counter()
+    out = chat(client, None, "what " * 50_000)[-1]  # 250,000 characters
+    assert out[2].startswith("⚠️") and "250000 characters" in out[2] and out[0] == []
+    assert time.perf_counter() - start < 3.0
+
+
+def test_a_request_stops_at_the_time_limit(server, images, monkeypatch):
+    client = Client(server.url, verbose=False)
+    eos = server.model.generation_config.eos_token_id
+    server.model.generation_config.eos_token_id = None
+    monkeypatch.setattr(app, "MAX_SECONDS", 3.0)
+    try:
+        start = time.perf_counter()
+        out = chat(client, images["red"], "Describe the image in detail.", method="full", max_new_tokens=500)[-1]
+        elapsed = time.perf_counter() - start
+        _, payload, _ = client.predict(handle_file(str(images["red"])), "Describe the image.", 0.5, 500,
+                                       api_name="/compare")
+    finally:
+        server.model.generation_config.eos_token_id = eos
+    assert "time limit of 3 s" in out[2] and elapsed < 15
+    assert session_trace(client).decode_steps < 499
+    assert "full" in payload["answers"] and len(payload["answers"]) < 3
+    assert any("time limit of 3 s" in w for w in payload["warnings"])
+
+
+def test_a_full_queue_says_busy(server, images):
+    queue = app.demo._queue
+    size, queue.max_size = queue.max_size, 1
+    eos = server.model.generation_config.eos_token_id
+    server.model.generation_config.eos_token_id = None
+    clients = [Client(server.url, verbose=False) for _ in range(3)]
+    message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}
+    try:
+        running = clients[0].submit(message, [], "full", 1.0, 1, -8, 500, 0, api_name="/chat")
+        deadline = time.time() + 60
+        while not app.GENERATING and time.time() < deadline:
+            time.sleep(0.05)
+        waiting = clients[1].submit(message, [], "full", 1.0, 1, -8, 4, 0, api_name="/chat")
+        time.sleep(1.0)
+        with pytest.raises(Exception, match="Queue is full"):
+            clients[2].predict(message, [], "full", 1.0, 1, -8, 4, 0, api_name="/chat")
+    finally:
+        queue.max_size = size
+        clients[0].predict(api_name="/stop")
+        running.result()
+        server.model.generation_config.eos_token_id = eos
+    assert waiting.result()[0][-1]["role"] == "assistant"  # the waiting one still ran
+
+
+@pytest.mark.parametrize("value", ["abc", None])
+def test_malformed_numbers_are_named(server, images, value):
+    client = Client(server.url, verbose=False)
+    message = {"text": "what colour ?", "files": [handle_file(str(images["red"]))]}
+    with pytest.raises(AppError, match="Budget \\(fraction kept\\) must be a number from 0.05 to 1"):
+        client.predict(message, [], "elastic", value, 1, -8, 4, 0, api_name="/chat")
+    with pytest.raises(AppError, match="Max new tokens must be a number"):
+        client.predict(handle_file(str(images["red"])), "what ?", 0.5, value, api_name="/compare")
+
+
+def test_a_lone_surrogate_or_malformed_history_is_refused(server, images):
+    # What JSON can carry but gradio_client cannot send: the handler is called directly.
+    def first_reply(message, history=()):
+        return next(app.chat(message, list(history), "elastic", 0.5, 1, -8, 4, 0))
+
+    out = first_reply({"text": "what \ud800 colour ?", "files": []})
+    assert out[2].startswith("⚠️") and "not valid text" in out[2]
+    for history in ([{"nonsense": 1}], [{"role": "user"}], ["text"]):
+        out = first_reply({"text": "what colour ?", "files": []}, history)
+        assert out[2].startswith("⚠️") and "malformed" in out[2] and out[0] == history
+    out = first_reply("just a string")
+    assert out[2].startswith("⚠️") and "empty" in out[2]
+
+
+def test_layer_nan_is_read_as_zero():
+    assert [app._index(v) for v in (float("nan"), None, "abc", 3.7, float("inf"), 2)] == [0, 0, 0, 3, 0, 2]
+
+
+def test_an_abandoned_compare_stops_generating(server, images):
+    client = Client(server.url, verbose=False)
+    eos = server.model.generation_config.eos_token_id
+    server.model.generation_config.eos_token_id = None
+    try:
+        job = client.submit(handle_file(str(images["red"])), "Describe the image.", 0.5, 500, api_name="/compare")
+        deadline = time.time() + 60
+        while not (app.GENERATING and job.outputs()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.GENERATING, "the compare should be running"
+        job.cancel()
+        deadline = time.time() + 5
+        while app.GENERATING and time.time() < deadline:
+            time.sleep(0.05)
+        assert not app.GENERATING, "the compare kept running after its client left"
+    finally:
+        server.model.generation_config.eos_token_id = eos
+
+
+def test_stop_ends_a_compare_with_the_answers_so_far(server, images):
+    client = Client(server.url, verbose=False)
+    eos = server.model.generation_config.eos_token_id
+    server.model.generation_config.eos_token_id = None
+    try:
+        job = client.submit(handle_file(str(images["red"])), "Describe the image.", 0.5, 500, api_name="/compare")
+        deadline = time.time() + 60
+        while not app.GENERATING and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        client.predict(api_name="/stop")
+        _, payload, _ = job.result()
+    finally:
+        server.model.generation_config.eos_token_id = eos
+    assert list(payload["answers"]) == ["full"] and payload["answers"]["full"].strip()
+    assert payload["metrics"]["full"]["new_tokens"] < 500
+    assert any("Ended by Stop" in w and "not run: Elastic Cache, H2O" in w for w in payload["warnings"])
+
+
+def test_one_client_evicts_only_its_own_sessions(monkeypatch):
+    monkeypatch.setattr(app, "SESSIONS", app.OrderedDict())
+    monkeypatch.setattr(app, "MAX_SESSIONS", 6)
+    monkeypatch.setattr(app, "MAX_SESSIONS_PER_CLIENT", 3)
+
+    def visit(host, key):
+        return app.session_of(SimpleNamespace(session_hash=key, client=SimpleNamespace(host=host)))
+
+    mine = [visit("10.0.0.1", f"mine{i}") for i in range(2)]
+    for i in range(200):  # one client opens many sessions
+        visit("10.0.0.2", f"spam{i}")
+    assert [app.SESSIONS[f"mine{i}"] for i in range(2)] == mine  # untouched
+    assert [k for k in app.SESSIONS if k.startswith("spam")] == ["spam197", "spam198", "spam199"]
+    for host in ("10.0.0.3", "10.0.0.4"):  # the table fills: the heaviest client gives way
+        visit(host, host)
+    assert len(app.SESSIONS) == 6 and all(f"mine{i}" in app.SESSIONS for i in range(2))
+    assert sum(k.startswith("spam") for k in app.SESSIONS) == 2
+
+
+def test_the_server_holds_gradio_state_for_no_more_sessions_than_its_own(server):
+    assert app.demo.state_session_capacity == app.MAX_SESSIONS
 
 
 # -- wiring details -------------------------------------------------------------------------------

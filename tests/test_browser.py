@@ -55,7 +55,7 @@ def page(tmp_path_factory):
     app.MODEL.set(model, processor)
     examples = _examples(tmp_path_factory.mktemp("browser"))
     blocks = app.build(examples)
-    blocks.queue().launch(prevent_thread_lock=True, quiet=True, css=app.CSS, allowed_paths=[str(examples)])
+    app.serve(blocks, prevent_thread_lock=True, quiet=True, allowed_paths=[str(examples)])
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)

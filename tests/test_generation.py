@@ -177,6 +177,32 @@ def test_load_model_from_saved_directory(llava, tmp_path):
     assert a.text == b.text
 
 
+@pytest.mark.parametrize("placement", ["auto", "split"])
+def test_load_model_with_a_device_map(llava, tmp_path, placement):
+    """How a GPU host loads (``device_map``, through accelerate), simulated on CPU: "auto",
+    and an explicit map that offloads one language-model layer to disk, so generation runs
+    across two devices with accelerate's hooks around elastic's attention."""
+    model, processor = llava
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    device_map = "auto" if placement == "auto" else {
+        "model.vision_tower": "cpu", "model.multi_modal_projector": "cpu", "lm_head": "cpu",
+        **{f"model.language_model.{n}": "cpu" for n, _ in model.model.language_model.named_children()
+           if n != "layers"},
+        "model.language_model.layers.0": "cpu", "model.language_model.layers.1": "disk"}
+    loaded, loaded_processor = elastic.load_model(tmp_path / "model", device="cpu", device_map=device_map,
+                                                  offload_folder=tmp_path / "offload")
+    if placement == "split":
+        assert set(loaded.hf_device_map.values()) == {"cpu", "disk"}
+        offloaded = next(loaded.model.language_model.layers[1].parameters())
+        assert offloaded.device.type == "meta"  # its weights come in through accelerate's hook
+    image = Image.new("RGB", (32, 32), "blue")
+    for method in ("elastic", "h2o"):
+        a = elastic.generate(loaded, loaded_processor, image, "what ?", method=method, budget=0.5, max_new_tokens=6)
+        b = elastic.generate(model, processor, image, "what ?", method=method, budget=0.5, max_new_tokens=6)
+        assert a.text == b.text and a.trace.layers[1].kept.tolist() == b.trace.layers[1].kept.tolist()
+
+
 def test_load_model_failure_is_one_clear_error(tmp_path):
     with pytest.raises(elastic.ModelLoadError, match="could not load model"):
         elastic.load_model(tmp_path / "missing", device="cpu")
