@@ -22,6 +22,7 @@ except ImportError:  # not on a Hugging Face Space
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -55,6 +56,22 @@ ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cac
 EMPTY = "(empty answer)"
 STREAM_HZ = 10  # chat updates per second while streaming
 GENERATING: set[threading.Thread] = set()  # generation threads running now (every one is a chat's)
+
+
+# A user's mistake is one line in the server log (gradio would print a traceback for each).
+LOG = logging.getLogger("elastic.app")
+if not LOG.handlers:
+    _handler = logging.StreamHandler(sys.__stderr__)  # the process's stderr, whoever swapped sys.stderr
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    LOG.addHandler(_handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
+def refused(text: str) -> gr.Error:
+    """The error to raise for a user's mistake: shown in the UI, one line in the log."""
+    LOG.info("refused: %s", text)
+    return gr.Error(text, print_exception=False)
 
 
 # -- model and sessions ------------------------------------------------------------------------
@@ -152,11 +169,11 @@ def readable_image_input(component: gr.Image) -> gr.Image:
             try:
                 served_image(path)
             except ValueError as error:
-                raise gr.Error(str(error)) from None
+                raise refused(str(error)) from None
         try:
             return preprocess(payload)
         except Exception as error:
-            raise gr.Error("That upload is not an image I can read.") from None
+            raise refused("That upload is not an image I can read.") from None
 
     component.preprocess = checked
     return component
@@ -169,12 +186,12 @@ def checked_number(component: gr.Slider) -> gr.Slider:
 
     def checked(payload):
         if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
-            raise gr.Error(f"{component.label} must be a number from {component.minimum:g} to "
+            raise refused(f"{component.label} must be a number from {component.minimum:g} to "
                            f"{component.maximum:g}, got {str(payload)[:40]!r}.")
         try:
             return preprocess(payload)
         except Exception as error:
-            raise gr.Error(f"{component.label}: {error}") from None
+            raise refused(f"{component.label}: {error}") from None
 
     component.preprocess = checked
     return component
@@ -317,6 +334,7 @@ def _small(image):
 
 
 def _problem(text: str):
+    LOG.info("refused: %s", text)
     gr.Warning(text)
     return f"⚠️ {text}"
 
@@ -449,6 +467,13 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
            head_slider(gen.trace))
 
 
+def waiting_status(message) -> str:
+    """The status while a question waits for the model (not queued: shown at once)."""
+    text = (message.get("text") or "").strip() if isinstance(message, dict) else ""
+    short = text if len(text) <= 80 else text[:80] + "…"
+    return f"⏳ Sent “{short}”; waiting for the model (it answers one request at a time)." if text else ""
+
+
 def stop_generation(request: gr.Request = None):
     """End this session's generation after the current token; what was written stays."""
     session_of(request).stop.set()
@@ -477,10 +502,10 @@ def compare_methods(methods) -> tuple[str, ...]:
         methods = [m.strip() for m in methods.split(",")]
     unknown = [m for m in methods if m not in elastic.METHODS]
     if unknown:
-        raise gr.Error(f"Unknown method(s) {', '.join(map(str, unknown))}: choose from {', '.join(elastic.METHODS)}.")
+        raise refused(f"Unknown method(s) {', '.join(map(str, unknown))}: choose from {', '.join(elastic.METHODS)}.")
     chosen = [m for m in elastic.METHODS if m in methods and m != "full"]
     if not chosen:
-        raise gr.Error("Pick at least one method to compare with the full cache.")
+        raise refused("Pick at least one method to compare with the full cache.")
     return ("full", *chosen)
 
 
@@ -517,32 +542,46 @@ def in_background(fn, stop: threading.Event, idle):
     return result["value"]
 
 
+WARMED: set[str] = set()  # methods this server has run once (the first run of each is slow)
+
+
 @gpu
-def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, progress=gr.Progress(),
-            request: gr.Request = None):
+def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, use_context=False, context=None,
+            progress=gr.Progress(), request: gr.Request = None):
     """Answer one question with the full cache and each of ``methods`` at ``budget``
     (default: Elastic Cache and H2O). Stop (or the time limit) ends it after the current
     method's current token; the methods that ran are shown.
+
+    With ``use_context``, ``context`` (chat messages, as the chatbot holds them) comes
+    before the question, as in the chat.
 
     Returns the side-by-side HTML, a JSON summary (``answers`` and ``metrics`` per method)
     and the cache length of every method over the decoding steps.
     """
     if not image:
-        raise gr.Error("Add an image to compare on.")
+        raise refused("Add an image to compare on.")
     try:
         question = checked_text(str(question or ""))
     except ValueError as error:
-        raise gr.Error(str(error)) from None
+        raise refused(str(error)) from None
     if not question:
-        raise gr.Error("Type a question to compare on.")
+        raise refused("Type a question to compare on.")
     try:
         picture = elastic.load_image(served_image(image))
+        prompt = question
+        if use_context and context:
+            for turn in context:
+                for path in _blocks(turn)[1]:
+                    served_image(path)
+            prompt, _ = conversation(context, question, None)
     except ValueError as error:
-        raise gr.Error(_without_folder(error, str(image))) from None
+        raise refused(_without_folder(error, str(image))) from None
+    except (AttributeError, KeyError, TypeError, IndexError):
+        raise refused("The context is not a chat history.") from None
     try:
         model, processor = MODEL.get()
     except elastic.ModelLoadError as error:
-        raise gr.Error(str(error)) from None
+        raise refused(str(error)) from None
     methods = compare_methods(methods)
     gens, warnings = [], []
     stop = session_of(request).stop
@@ -558,13 +597,16 @@ def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, pr
             progress((i, len(methods)), desc=f"{viz.method_name(method)}…")
 
             def answer(method=method):
-                return elastic.generate(model, processor, picture, question, method=method,
-                                        budget=1.0 if method == "full" else float(budget),
-                                        max_new_tokens=int(max_new_tokens), stop=stop)
+                settings = dict(method=method, budget=1.0 if method == "full" else float(budget))
+                if method not in WARMED:  # so the times shown are not the first run's
+                    elastic.generate(model, processor, picture, prompt, max_new_tokens=2, **settings)
+                    WARMED.add(method)
+                return elastic.generate(model, processor, picture, prompt, max_new_tokens=int(max_new_tokens),
+                                        stop=stop, **settings)
             try:
                 gen = yield from in_background(answer, stop, (gr.update(),) * 3)
             except ValueError as error:
-                raise gr.Error(f"{viz.method_name(method)}: {error}") from None
+                raise refused(f"{viz.method_name(method)}: {error}") from None
             gens.append(gen)
     finally:
         limit.cancel()
@@ -591,25 +633,36 @@ def _compared(gens, methods, question, budget, warnings):
         "question": question, "budget": float(budget),
         "answers": {r["method"]: r["text"] for r in results},
         "metrics": {r["method"]: {"rouge_l": r["rouge_l"], **{k: r["stats"].get(k) for k in (
-            "prefill_s", "decode_s", "tokens_per_s", "new_tokens", "kv_bytes", "full_kv_bytes")}}
+            "prefill_s", "decode_s", "tokens_per_s", "median_tokens_per_s", "prompt_tokens", "new_tokens",
+            "kv_bytes", "full_kv_bytes")}}
             for r in results},
         "warnings": warnings,
     }
     return viz.compare_html(results, float(budget)), payload, viz.lengths_figure(traces)
 
 
-def compare_from_chat(history, message):
-    """Copy the chat's image and last question into the compare inputs."""
-    image, question = None, ""
-    for m in history or []:
+def compare_from_chat(history, message, method, budget, max_new_tokens):
+    """The compare inputs from the chat: its image, question (the one being typed, else the
+    last one asked), budget, token limit, its method beside the defaults, and the earlier
+    turns as context."""
+    history = list(history or [])
+    image, question, last_user = None, "", None
+    for i, m in enumerate(history):
         texts, files = _blocks(m)
         role = m["role"] if isinstance(m, dict) else m.role
         if role == "user":
             image = files[-1] if files else image
-            question = " ".join(texts) or question
+            if texts:
+                question, last_user = " ".join(texts), i
     files = (message or {}).get("files") or []
     text = ((message or {}).get("text") or "").strip()
-    return (files[-1] if files else image), (text or question), gr.Tabs(selected="compare")
+    context = history if text else history[:last_user or 0]
+    methods = [m for m in COMPARE_METHODS if m != "full"] + ([method] if method not in COMPARE_METHODS else [])
+    turns = sum(1 for m in context if (m["role"] if isinstance(m, dict) else m.role) == "user")
+    use = gr.update(value=bool(turns), visible=bool(turns),
+                    label=f"With the chat's {turns} earlier question{'s' * (turns != 1)} and answers as context")
+    return ((files[-1] if files else image), (text or question), budget, max_new_tokens, methods, use, context,
+            gr.Tabs(selected="compare"))
 
 
 # -- layout --------------------------------------------------------------------------------------
@@ -707,6 +760,9 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             [(viz.method_name(m), m) for m in elastic.METHODS if m != "full"],
                             value=[m for m in COMPARE_METHODS if m != "full"],
                             label="Methods beside the full cache", elem_id="compare-methods")
+                        c_use_context = gr.Checkbox(False, visible=False, elem_id="compare-context",
+                                                    label="With the chat's earlier turns as context")
+                        c_context = gr.State(None)
                         with gr.Row():
                             c_run = gr.Button("Run side by side", variant="primary")
                             c_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
@@ -721,6 +777,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
 
         panel = [heatmap, groups, overlay, timeline, explain, teach_groups, teach_timeline]
         controls = [method, budget, start_size, distance, max_new, layer, importance, scope, prefill, decode, protect]
+        msg.submit(waiting_status, [msg], [status], queue=False, api_name=False, show_progress="hidden")
         msg.submit(chat, [msg, chatbot, *controls], [chatbot, msg, status, *panel, layer, step, head],
                    api_name="chat", concurrency_id="model", concurrency_limit=1)
         # Not queued: it must get through while the chat holds the model's queue slot.
@@ -731,9 +788,12 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                           trigger_mode="always_last")
         clear.click(clear_chat, None, [chatbot, msg, status, *panel, head], api_name=False)
         chatbot.clear(clear_chat, None, [chatbot, msg, status, *panel, head], api_name=False)
-        c_run.click(compare, [c_image, c_question, c_budget, c_max_new, c_methods], [c_html, c_json, c_lengths],
+        c_run.click(compare, [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context],
+                    [c_html, c_json, c_lengths],
                     api_name="compare", concurrency_id="model", concurrency_limit=1)
-        to_compare.click(compare_from_chat, [chatbot, msg], [c_image, c_question, tabs], api_name=False)
+        to_compare.click(compare_from_chat, [chatbot, msg, method, budget, max_new],
+                         [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context, tabs],
+                         api_name=False)
         blocks.unload(forget_session)
     return blocks
 

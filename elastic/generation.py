@@ -8,6 +8,7 @@ trace for the visualisations.
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -303,6 +304,9 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
         "decode_s": decode_s,
         "total_s": time.perf_counter() - start,
         "tokens_per_s": (len(marks) - 1) / decode_s if decode_s > 0 else float("nan"),
+        # 1 / the median decode step: one slow step (a page fault, another thread) barely moves it
+        "median_tokens_per_s": 1 / statistics.median(b - a for a, b in zip(marks[1:], marks[2:]))
+        if len(marks) > 2 else float("nan"),
         "kv_bytes": cache.kv_bytes(),
         "full_kv_bytes": trace.bytes_per_entry * trace.tokens_seen,
         "peak_mem_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,

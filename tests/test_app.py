@@ -440,6 +440,19 @@ def test_a_lone_surrogate_or_malformed_history_is_refused(server, images):
     assert out[2].startswith("⚠️") and "empty" in out[2]
 
 
+def test_a_user_mistake_is_one_line_in_the_log(server, images, capfd):
+    client = Client(server.url, verbose=False)
+    capfd.readouterr()
+    with pytest.raises(AppError, match="Type a question"):
+        client.predict(handle_file(str(images["red"])), "   ", 0.3, 4, api_name="/compare")
+    chat(client, None, "  ")
+    time.sleep(0.5)
+    log = capfd.readouterr().err
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if "refused:" in line]
+    assert len(lines) == 2 and "Type a question" in lines[0] and "message is empty" in lines[1]
+
+
 def test_layer_nan_is_read_as_zero():
     assert [app._index(v) for v in (float("nan"), None, "abc", 3.7, float("inf"), 2)] == [0, 0, 0, 3, 0, 2]
 
@@ -534,6 +547,42 @@ def test_a_model_that_fails_to_load_gives_one_clear_message(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not load model") and "missing" in last
     assert "Traceback" not in out.stderr
+
+
+def test_compare_from_chat_carries_the_settings_and_context():
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/a.png"}}, {"type": "text", "text": "q1"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a1"}]},
+        {"role": "user", "content": [{"type": "text", "text": "q2"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a2"}]},
+    ]
+    image, question, budget, max_new, methods, use, context, _ = app.compare_from_chat(
+        history, {"text": "", "files": []}, "snapkv", 0.25, 77)
+    assert (image, question, budget, max_new) == ("/a.png", "q2", 0.25, 77)
+    assert methods == ["elastic", "h2o", "snapkv"]
+    assert context == history[:2] and use["value"] is True and "1 earlier question" in use["label"]
+    _, question, *_, methods, use, context, _ = app.compare_from_chat(history, {"text": "q3"}, "h2o", 0.5, 9)
+    assert question == "q3" and context == history and methods == ["elastic", "h2o"]
+    *_, use, context, _ = app.compare_from_chat(history[:2], {"text": ""}, "elastic", 0.5, 9)
+    assert context == [] and use["visible"] is False
+
+
+def test_compare_with_context_answers_as_the_chat_does(server):
+    # In-process (the context is a gr.State, which the API does not expose).
+    scene = app.load_examples(app.EXAMPLES_DIR)[0]["image"]
+    settings = ("full", 1.0, 1, -25, 8, 0)
+    first = list(app.chat({"text": "What colour is the square?", "files": [scene]}, [], *settings))[-1][0]
+    second = list(app.chat({"text": "And what shape is it?", "files": []}, first, *settings))[-1][0]
+    answer = second[-1]["content"]
+    with_context = list(app.compare(scene, "And what shape is it?", 0.5, 8, ["elastic"], True, second[:2]))[-1][1]
+    assert with_context["answers"]["full"] == answer
+    alone = list(app.compare(scene, "And what shape is it?", 0.5, 8, ["elastic"], False, second[:2]))[-1][1]
+    direct = elastic.generate(server.model, app.MODEL.processor, scene, "And what shape is it?", method="full",
+                              budget=1.0, max_new_tokens=8)
+    assert alone["answers"]["full"] == direct.text
+    assert with_context["metrics"]["full"]["prompt_tokens"] > alone["metrics"]["full"]["prompt_tokens"] \
+        == direct.stats["prompt_tokens"]
+    assert "what is here?" in app.waiting_status({"text": "what is here?"})
 
 
 def test_compare_methods_are_checked_and_ordered():

@@ -259,8 +259,33 @@ def test_compare_html_shows_answers_and_metrics():
     ], budget=0.3)
     assert "Full cache" in html and "Elastic Cache" in html
     assert "&lt;circle&gt;" in html and "<circle>" not in html  # answers are escaped
-    assert '<mark class="ec-changed" style="background:#ffd166">blue</mark>' in html
+    elastic_cell = html[html.index('data-method="elastic"'):]
+    plain, diff = elastic_cell.split("<details", 1)
+    assert "a blue &lt;circle&gt;" in plain and "<mark" not in plain  # the answer as written first
+    assert f'<mark class="ec-changed" style="{viz.text.CHANGED}">blue</mark>' in diff  # the diff behind a toggle
+    assert f'<del class="ec-missing" style="{viz.text.MISSING}">red</del>' in diff
+    assert "<details" not in html[:html.index('data-method="elastic"')]  # none for the reference
     assert "0.667" in html and "2.00 s" in html and "12.0" in html and "30% of full" in html
+    same = viz.compare_html([{"method": "full", "text": "x", "stats": stats},
+                             {"method": "h2o", "text": "x", "stats": {**stats, "median_tokens_per_s": 20.0}}])
+    assert "<details" not in same and "20.0" in same  # the median step's speed when present
+
+
+def test_diff_colours_are_readable_on_light_and_dark_pages():
+    def luminance(hex_colour):
+        rgb = [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        rgb = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+
+    def contrast(a, b):
+        hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+        return (hi + 0.05) / (lo + 0.05)
+
+    colour = dict(part.split(":") for part in viz.text.CHANGED.split(";"))
+    assert contrast(colour["color"], colour["background"]) >= 7  # text on its own highlight
+    missing = dict(part.split(":") for part in viz.text.MISSING.split(";"))["color"]
+    for page in ("#ffffff", "#0b0f19"):  # gradio's light and dark backgrounds
+        assert contrast(missing, page) >= 3.0
 
 
 def test_explain_html_uses_the_trace_numbers(traces):

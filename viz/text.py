@@ -13,6 +13,11 @@ import math
 from .style import human_bytes, method_name, variant_text
 
 
+# Explicit text colours: readable on light and dark page backgrounds alike.
+CHANGED = "background:#ffd166;color:#1a1a1a;padding:0 2px;border-radius:2px"
+MISSING = "color:#e0464f;text-decoration:line-through"
+
+
 def diff_tokens(reference: str, candidate: str) -> list[tuple[str, str]]:
     """Word-level diff of ``candidate`` against ``reference``.
 
@@ -42,9 +47,9 @@ def diff_html(reference: str, candidate: str) -> str:
         if kind == "same":
             parts.append(w)
         elif kind == "changed":
-            parts.append(f'<mark class="ec-changed" style="background:#ffd166">{w}</mark>')
+            parts.append(f'<mark class="ec-changed" style="{CHANGED}">{w}</mark>')
         else:
-            parts.append(f'<del class="ec-missing" style="color:#b00020">{w}</del>')
+            parts.append(f'<del class="ec-missing" style="{MISSING}">{w}</del>')
     return " ".join(parts)
 
 
@@ -73,19 +78,23 @@ def compare_html(results: list[dict], budget: float | None = None) -> str:
     Returns
     -------
     str
-        HTML: one column per method with the answer (differences to the full answer
-        highlighted), ROUGE-L against full, time, tokens/s and KV bytes.
+        HTML: one column per method with the answer as written, its differences to the
+        full answer behind a toggle, ROUGE-L against full, time, tokens/s (from the median
+        decode step when the stats have it) and KV bytes.
     """
     reference = next((r["text"] for r in results if r["method"] == "full"), None)
     cols = []
     for r in results:
         stats = r.get("stats") or {}
         is_ref = r["method"] == "full" or reference is None
-        answer = html.escape(r["text"]) if is_ref else diff_html(reference, r["text"])
+        answer = html.escape(r["text"])
+        if not is_ref and r["text"] != reference:
+            answer += ("<details class='ec-diff' style='margin-top:6px'><summary style='cursor:pointer'>"
+                       f"Differences from the full answer</summary>{diff_html(reference, r['text'])}</details>")
         score = "reference" if r["method"] == "full" else (
             "n/a" if r.get("rouge_l") is None else f"{float(r['rouge_l']):.3f}")
         seconds = (_number(stats.get("prefill_s")) or 0.0) + (_number(stats.get("decode_s")) or 0.0)
-        speed = _number(stats.get("tokens_per_s"))
+        speed = _number(stats.get("median_tokens_per_s", stats.get("tokens_per_s")))
         kv, full_kv = stats.get("kv_bytes"), stats.get("full_kv_bytes")
         kv_text = "n/a" if kv is None else human_bytes(kv)
         if kv is not None and full_kv:
@@ -93,7 +102,7 @@ def compare_html(results: list[dict], budget: float | None = None) -> str:
         cols.append(
             f'<td class="ec-answer" data-method="{html.escape(r["method"])}" style="vertical-align:top;padding:8px">'
             f"<h4 style='margin:0 0 6px 0'>{html.escape(method_name(r['method']))}</h4>"
-            f"<div style='min-height:4em'>{answer or '<i>(empty answer)</i>'}</div>"
+            f"<div style='min-height:4em'>{answer if r['text'] else '<i>(empty answer)</i>'}</div>"
             f"<table style='margin-top:8px;font-size:0.9em'>"
             f"<tr><td>ROUGE-L vs full</td><td><b>{score}</b></td></tr>"
             f"<tr><td>time</td><td>{seconds:.2f} s</td></tr>"
@@ -101,8 +110,9 @@ def compare_html(results: list[dict], budget: float | None = None) -> str:
             f"<tr><td>KV kept</td><td>{kv_text}</td></tr></table></td>"
         )
     caption = "" if budget is None else f"<caption style='text-align:left'>budget {budget:g} " \
-        "(fraction of KV entries kept); <mark style='background:#ffd166'>changed</mark> and " \
-        "<del style='color:#b00020'>missing</del> words are relative to the full-cache answer</caption>"
+        f"(fraction of KV entries kept); under each answer, <mark style='{CHANGED}'>changed</mark> and " \
+        f"<del style='{MISSING}'>missing</del> words relative to the full-cache answer; tokens/s from " \
+        "the median decoding step</caption>"
     return (f'<table class="ec-compare" style="width:100%;table-layout:fixed;border-collapse:collapse">'
             f"{caption}<tr>{''.join(cols)}</tr></table>")
 
