@@ -683,6 +683,9 @@ vision tower trained only on **synthetic shape scenes** (a 3x3 grid of coloured 
 triangles and diamonds). Describe a scene or ask what is where; without an image it chats as SmolLM2."""
 
 
+RESIZE_JS = "() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }"
+
+
 def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
     """The whole app (``examples_dir`` holds ``examples.json`` and its images)."""
     examples = load_examples(examples_dir)
@@ -690,7 +693,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
     with gr.Blocks(title="Elastic Cache Explorer", fill_width=True) as blocks:
         gr.Markdown(INTRO)
         with gr.Tabs() as tabs:
-            with gr.Tab("Explore", id="explore"):
+            with gr.Tab("Explore", id="explore") as explore_tab:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=4, min_width=340):
                         chatbot = gr.Chatbot(label="Chat", height=430, elem_id="chatbot")
@@ -737,19 +740,19 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             head = gr.Slider(0, 1, value=0, step=1, label="KV head (this method keeps entries "
                                              "per head)", visible=False, elem_id="head")
                         with gr.Tabs():
-                            with gr.Tab("Attention"):
+                            with gr.Tab("Attention") as t_attention:
                                 heatmap = gr.Plot(waiting, label="attention", show_label=False, elem_id="heatmap")
-                            with gr.Tab("Anchors & groups"):
+                            with gr.Tab("Anchors & groups") as t_groups:
                                 groups = gr.Plot(waiting, label="groups", show_label=False, elem_id="groups")
-                            with gr.Tab("Image"):
+                            with gr.Tab("Image") as t_image:
                                 overlay = gr.Plot(waiting, label="image", show_label=False, elem_id="overlay")
-                            with gr.Tab("Cache over time"):
+                            with gr.Tab("Cache over time") as t_timeline:
                                 timeline = gr.Plot(waiting, label="timeline", show_label=False, elem_id="timeline")
-                            with gr.Tab("How it works"):
+                            with gr.Tab("How it works") as t_how:
                                 explain = gr.HTML(viz.explain_html(None), label="explanation", elem_id="explain")
                                 teach_groups = gr.Plot(waiting, label="teaching groups", show_label=False)
                                 teach_timeline = gr.Plot(waiting, label="teaching timeline", show_label=False)
-            with gr.Tab("Compare", id="compare"):
+            with gr.Tab("Compare", id="compare") as compare_tab:
                 with gr.Row():
                     with gr.Column(scale=2):
                         c_image = readable_image_input(gr.Image(type="filepath", label="Image", height=260))
@@ -794,6 +797,10 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
         to_compare.click(compare_from_chat, [chatbot, msg, method, budget, max_new],
                          [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context, tabs],
                          api_name=False)
+        # A plot drawn while its tab was hidden has no width to fit; a resize on showing the
+        # tab makes plotly fit it to the visible column again.
+        for tab in (explore_tab, compare_tab, t_attention, t_groups, t_image, t_timeline, t_how):
+            tab.select(None, None, None, js=RESIZE_JS, api_name=False, queue=False)
         blocks.unload(forget_session)
     return blocks
 

@@ -202,6 +202,28 @@ def test_image_overlay_marks_kept_and_removed_patches(traces, image):
     assert arr(data(fig, "removed while decoding")["customdata"]).tolist() == removed
 
 
+def test_image_overlay_has_a_legend_entry_for_merged_patches(traces, image):
+    t = traces["elastic"]
+    start, end = t.image_span
+    group = t.layers[1].group
+    merged = [p for p in range(start, end) if group[p] >= 0 and group[p] != p]  # in another token's group
+    assert merged, "budget 0.3 merges some image tokens"
+    fig = viz.image_overlay(t, image, layer=1, step=0)
+    assert arr(data(fig, "merged into an anchor")["customdata"]).tolist() == merged
+    assert data(fig, "patches")["opacity"] <= 0.25  # the picture's own colours show through
+
+
+def test_every_figure_reads_on_light_and_dark_pages(traces, image):
+    t = traces["elastic"]
+    figures = [viz.attention_heatmap(t), viz.merge_groups(t, 0), viz.image_overlay(t, image, 0),
+               viz.cache_timeline(t, 0), viz.lengths_figure(traces), viz.message_figure("nothing yet")]
+    for fig in figures:
+        layout = fig.layout.template.layout
+        assert layout.paper_bgcolor == layout.plot_bgcolor == "rgba(0,0,0,0)"  # no white box on a dark page
+        assert layout.font.color == viz.style.INK
+        assert fig.layout.paper_bgcolor is None and fig.layout.plot_bgcolor is None  # no figure overrides it
+
+
 def test_image_overlay_without_image_or_grid(traces):
     t = traces["elastic"]
     assert len(viz.image_overlay(t, None).layout.images) == 0
@@ -223,11 +245,16 @@ def test_timeline_is_the_trace_lengths_and_evictions(traces, method):
     assert arr(data(fig, "cache length")["y"]).tolist() == list(t.lengths)
     assert arr(data(fig, "full cache")["y"]).tolist() == t.full_lengths().tolist()
     ev = data(fig, "evictions")
-    rows = t.evictions_of(layer)
-    assert arr(ev["x"]).tolist() == rows[:, 0].tolist()
-    assert arr(ev["customdata"]).tolist() == rows[:, 1].tolist()
-    assert arr(data(fig, "KV bytes")["y"]).tolist() == t.kv_bytes().tolist()
-    assert arr(data(fig, "full KV bytes")["y"]).tolist() == (t.full_lengths() * t.bytes_per_entry).tolist()
+    rows = [r for r in t.evictions_of(layer).tolist() if r[0] <= 3]  # replaying step 3: evictions so far
+    assert arr(ev["x"]).tolist() == [r[0] for r in rows]
+    assert arr(ev["customdata"]).tolist() == [r[1] for r in rows]
+    full_bytes = t.full_lengths() * t.bytes_per_entry
+    unit = next(u for u, size in (("MiB", 2 ** 20), ("KiB", 2 ** 10), ("B", 1)) if full_bytes.max() >= size)
+    size = {"MiB": 2 ** 20, "KiB": 2 ** 10, "B": 1}[unit]
+    np.testing.assert_allclose(arr(data(fig, "KV bytes")["y"]), t.kv_bytes() / size)
+    np.testing.assert_allclose(arr(data(fig, "full KV bytes")["y"]), full_bytes / size)
+    assert fig.layout.yaxis2.title.text == f"KV ({unit})" and unit in data(fig, "KV bytes")["hovertemplate"]
+    assert f" {unit} kept vs " in fig.layout.title.text and "bytes" not in fig.layout.title.text
     hlines = [s.y0 for s in fig.layout.shapes if s.type == "line" and s.y0 == s.y1]
     if t.fixed_point is None:
         assert hlines == []

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 from .state import ANCHOR, EVICTED, MERGED, PROTECTED, prompt_state
 from .style import (
     ANCHOR_COLOUR, DROPPED_COLOUR, EVICTED_COLOUR, GROUP_COLOURS, PROTECTED_COLOUR, SPAN_COLOURS,
-    add_span_band, method_name, resolve_step, token_text,
+    TEMPLATE, add_span_band, method_name, resolve_step, token_text,
 )
 
 
@@ -114,6 +114,6 @@ def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 3
         xaxis=dict(title="original position", range=[-0.5, max(T + step, T) - 0.5], showgrid=False),
         yaxis=dict(visible=False, range=[-0.4, 1.25]),
         legend=dict(orientation="h", y=-0.3, yanchor="top", x=0),
-        template="plotly_white",
+        template=TEMPLATE,
     )
     return fig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from .style import ANCHOR_COLOUR, PROTECTED_COLOUR, add_span_band, log_scores, method_name, token_texts
+from .style import ANCHOR_COLOUR, PROTECTED_COLOUR, TEMPLATE, add_span_band, log_scores, method_name, token_texts
 
 
 def attention_heatmap(trace, height: int = 340) -> go.Figure:
@@ -73,6 +73,6 @@ def attention_heatmap(trace, height: int = 340) -> go.Figure:
         xaxis=dict(title="prompt position", range=[-0.5, T - 0.5], showgrid=False),
         yaxis=dict(title="layer", range=[-0.5, L - 0.5], showgrid=False, dtick=max(1, L // 8)),
         legend=dict(orientation="h", y=-0.22, x=0),
-        template="plotly_white",
+        template=TEMPLATE,
     )
     return fig

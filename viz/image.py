@@ -7,10 +7,11 @@ import plotly.graph_objects as go
 from PIL import Image
 
 from .state import ANCHOR, EVICTED, MERGED, PROTECTED, prompt_state
-from .style import ANCHOR_COLOUR, DROPPED_COLOUR, log_scores, message_figure, resolve_step
+from .style import ANCHOR_COLOUR, DROPPED_COLOUR, TEMPLATE, log_scores, message_figure, resolve_step
 
 # The embedded picture travels to the browser with every figure: keep it small.
 MAX_SIDE = 336
+OVERLAY_OPACITY = 0.22
 
 
 def image_grid(trace) -> tuple[int, int] | None:
@@ -120,7 +121,9 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
                      for c in range(cols)] for r in range(rows)],
         text=np.array(labels, dtype=object).reshape(rows, cols).tolist(),
         hovertemplate="%{text}<extra></extra>", colorscale=colorscale, showscale=colorbar is not None,
-        colorbar=colorbar, opacity=0.45 if image is not None else 1.0, xgap=0.5, ygap=0.5,
+        colorbar=colorbar, xgap=0.5, ygap=0.5,
+        # Light enough over the picture that a shape keeps its own colour (orange stays orange).
+        opacity=OVERLAY_OPACITY if image is not None else 1.0,
     ))
 
     def cells(name, ps, symbol, colour, size):
@@ -135,6 +138,8 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
     kept = [p for p, s in zip(positions, image_status) if s in (ANCHOR, PROTECTED)]
     marker_size = max(3, min(10, int(300 / max(rows, cols))))
     cells("anchors" if trace.method == "elastic" else "kept", kept, "circle-open", ANCHOR_COLOUR, marker_size)
+    cells("merged into an anchor", [p for p, s in zip(positions, image_status) if s == MERGED], "circle-dot",
+          "#8a8a8a", max(2, marker_size // 2))
     cells("evicted at prefill", [p for p, s in zip(positions, image_status) if s == EVICTED], "x-thin-open",
           "#444444", marker_size)
     cells("removed while decoding", positions[state.dropped[start:end]], "x-thin-open", DROPPED_COLOUR, marker_size)
@@ -155,7 +160,7 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
         yaxis=dict(range=[rows - 0.5, -0.5], showgrid=False, zeroline=False, showticklabels=False,
                    scaleanchor="x", scaleratio=1, constrain="domain"),
         legend=dict(orientation="h", y=-0.02, x=0),
-        plot_bgcolor="white", template="plotly_white",
+        template=TEMPLATE,
     )
     return fig
 

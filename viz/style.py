@@ -9,6 +9,7 @@ import html
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 
 SPAN_COLOURS = {
     "system": "#9e9e9e",
@@ -27,6 +28,17 @@ EVICTED_COLOUR = "#d9d9d9"
 DROPPED_COLOUR = "#c0392b"  # entries removed while decoding
 ANCHOR_COLOUR = "#111111"
 PROTECTED_COLOUR = "#f4c20d"
+
+# Every figure's template: transparent backgrounds and mid-grey text and grid, so the same
+# figure reads on gradio's light and dark themes (plotly_white is a white box on a dark page).
+INK = "#8a8a8a"  # contrast 3.4:1 on white, 5.6:1 on gradio's dark background
+GRID = "rgba(128,128,128,0.25)"
+TEMPLATE = go.layout.Template(pio.templates["plotly_white"])
+TEMPLATE.layout.update(
+    paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", font=dict(color=INK),
+    xaxis=dict(gridcolor=GRID, zerolinecolor=GRID, linecolor=GRID), yaxis=dict(gridcolor=GRID, zerolinecolor=GRID,
+                                                                                 linecolor=GRID),
+)
 
 # log10 of a score of exactly zero would be -inf; no real attention mass is this small.
 SCORE_FLOOR = 1e-6
@@ -86,7 +98,7 @@ def message_figure(text: str, title: str = "", height: int = 260) -> go.Figure:
     fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
     fig.update_layout(
         title=title, height=height, xaxis=dict(visible=False), yaxis=dict(visible=False),
-        margin=dict(l=20, r=20, t=50 if title else 20, b=20), template="plotly_white",
+        margin=dict(l=20, r=20, t=50 if title else 20, b=20), template=TEMPLATE,
     )
     return fig
 

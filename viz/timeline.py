@@ -5,7 +5,15 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .style import DROPPED_COLOUR, SPAN_COLOURS, human_bytes, method_name, resolve_step, token_text
+from .style import DROPPED_COLOUR, INK, SPAN_COLOURS, TEMPLATE, method_name, resolve_step, token_text
+
+
+def kv_unit(largest: float) -> tuple[str, int]:
+    """The binary unit to show KV sizes up to ``largest`` bytes in: ``("KiB", 1024)`` ..."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if largest >= size:
+            return unit, size
+    return "B", 1
 
 
 def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int = 400) -> go.Figure:
@@ -39,6 +47,7 @@ def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int =
     fig.add_trace(go.Scatter(name="cache length", x=steps, y=lengths, mode="lines",
                              line=dict(color=SPAN_COLOURS["image"], width=3)), row=1, col=1)
     rows = trace.evictions_of(layer)
+    rows = rows[rows[:, 0] <= step]  # replaying step s: the evictions up to s
     fig.add_trace(go.Scatter(
         name="evictions", x=[int(s) for s in rows[:, 0]], y=[lengths[int(s)] for s in rows[:, 0]],
         customdata=[int(p) for p in rows[:, 1]],
@@ -56,26 +65,28 @@ def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int =
 
     kv = [int(v) for v in trace.kv_bytes()]
     full_kv = [int(v) * int(trace.bytes_per_entry) for v in full]
-    fig.add_trace(go.Scatter(name="full KV bytes", x=steps, y=full_kv, mode="lines", showlegend=False,
-                             line=dict(color="#7f7f7f", dash="dash"),
-                             hovertemplate="full: %{y:,} bytes<extra></extra>"), row=2, col=1)
-    fig.add_trace(go.Scatter(name="KV bytes", x=steps, y=kv, mode="lines", fill="tozeroy", showlegend=False,
-                             line=dict(color=SPAN_COLOURS["image"]),
-                             hovertemplate="kept: %{y:,} bytes<extra></extra>"), row=2, col=1)
+    unit, size = kv_unit(max(full_kv))  # one unit on the axis, the hover and the title
+    fig.add_trace(go.Scatter(name="full KV bytes", x=steps, y=[v / size for v in full_kv], mode="lines",
+                             showlegend=False, line=dict(color="#7f7f7f", dash="dash"),
+                             hovertemplate=f"full: %{{y:,.1f}} {unit}<extra></extra>"), row=2, col=1)
+    fig.add_trace(go.Scatter(name="KV bytes", x=steps, y=[v / size for v in kv], mode="lines", fill="tozeroy",
+                             showlegend=False, line=dict(color=SPAN_COLOURS["image"]),
+                             hovertemplate=f"kept: %{{y:,.1f}} {unit}<extra></extra>"), row=2, col=1)
     for row in (1, 2):
-        fig.add_vline(x=step, line=dict(color="#333333", width=1), row=row, col=1)
+        fig.add_vline(x=step, line=dict(color=INK, width=1), row=row, col=1)
 
     share = kv[step] / full_kv[step] if full_kv[step] else 1.0
     fig.update_layout(
         title=dict(text=f"{method_name(trace.method)}: {lengths[step]} entries at step {step}; "
-                        f"KV {human_bytes(kv[step])} kept vs {human_bytes(full_kv[step])} full ({share:.0%})",
+                        f"KV {kv[step] / size:,.1f} {unit} kept vs {full_kv[step] / size:,.1f} {unit} full "
+                        f"({share:.0%})",
                    font=dict(size=14)),
         height=height, margin=dict(l=60, r=20, t=50, b=40),
         legend=dict(orientation="h", y=1.0, x=0, yanchor="bottom"),
-        template="plotly_white",
+        template=TEMPLATE,
     )
     fig.update_yaxes(title_text="entries per layer", rangemode="tozero", row=1, col=1)
-    fig.update_yaxes(title_text="KV bytes", rangemode="tozero", row=2, col=1)
+    fig.update_yaxes(title_text=f"KV ({unit})", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="decoding step (0 = after prefill)", row=2, col=1)
     return fig
 
@@ -109,6 +120,6 @@ def lengths_figure(traces: dict, height: int = 300) -> go.Figure:
         title=dict(text="KV entries per layer while decoding", font=dict(size=14)), height=height,
         xaxis_title="decoding step (0 = after prefill)", yaxis_title="entries", yaxis_rangemode="tozero",
         margin=dict(l=60, r=20, t=50, b=40), legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0),
-        template="plotly_white",
+        template=TEMPLATE,
     )
     return fig
