@@ -674,13 +674,10 @@ def load_examples(folder: Path) -> list[dict]:
     return [dict(e, image=str(Path(folder) / e["image"])) for e in json.loads(path.read_text())]
 
 
-INTRO = """# Elastic Cache Explorer
-Chat about an image while a **compressed KV cache** keeps only a fraction of the keys and values.
-[Elastic Cache](https://arxiv.org/abs/2407.18121) merges unimportant prompt tokens into *anchors*
-and, while decoding, evicts at one fixed point. The panel on the right shows what it kept.
-The default model is **SmolLM2-135M-Instruct with eyes**: a real pretrained language model plus a small
-vision tower trained only on **synthetic shape scenes** (a 3x3 grid of coloured circles, squares,
-triangles and diamonds). Describe a scene or ask what is where; without an image it chats as SmolLM2."""
+INTRO = """## Elastic Cache Explorer: watch a compressed KV cache while a vision-language model answers
+[Elastic Cache](https://arxiv.org/abs/2407.18121) merges unimportant prompt tokens into *anchors* and evicts at one
+fixed point while decoding; the right panel shows what it kept. Model: **SmolLM2-135M-Instruct with eyes**, which
+knows only **synthetic shape scenes** (a 3x3 grid of coloured shapes); without an image it chats as SmolLM2."""
 
 
 RESIZE_JS = "() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }"
@@ -696,15 +693,24 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
             with gr.Tab("Explore", id="explore") as explore_tab:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=4, min_width=340):
-                        chatbot = gr.Chatbot(label="Chat", height=430, elem_id="chatbot")
+                        # First screen on a 1280x720 projector: examples, chat, box, method, budget.
                         msg = gr.MultimodalTextbox(
                             file_types=["image"], file_count="single", sources=["upload"], elem_id="msg",
-                            placeholder="Ask about an image (drop or attach it here)…", show_label=False)
-                        status = gr.Markdown(label="status", elem_id="status")
+                            placeholder="Ask about an image (drop or attach it here)…", show_label=False,
+                            render=False)
+                        if examples:
+                            gr.Examples([[{"text": e["prompt"], "files": [e["image"]]}] for e in examples],
+                                        inputs=[msg], label="Example scenes: click one, then press Enter",
+                                        example_labels=[f"{i + 1}. {e['prompt']}" for i, e in enumerate(examples)],
+                                        elem_id="chat-examples")
                         with gr.Row():
-                            method = gr.Radio([(viz.method_name(m), m) for m in elastic.METHODS], value="elastic",
-                                              label="Method", elem_id="method")
-                            budget = checked_number(gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Budget (fraction kept)"))
+                            method = gr.Dropdown([(viz.method_name(m), m) for m in elastic.METHODS], value="elastic",
+                                                 label="Method", elem_id="method")
+                            budget = checked_number(gr.Slider(0.05, 1.0, value=0.5, step=0.05, elem_id="budget",
+                                                              label="Budget (fraction kept)"))
+                        status = gr.Markdown(label="status", elem_id="status")
+                        chatbot = gr.Chatbot(label="Chat", height=190, elem_id="chatbot")
+                        msg.render()
                         with gr.Accordion("Ablation: change one choice of Elastic Cache", open=False,
                                           elem_id="ablation"):
                             gr.Markdown("The defaults are the paper's method; each other value is one of its "
@@ -725,14 +731,11 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             start_size = checked_number(gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)"))
                             distance = checked_number(gr.Slider(-64, 0, value=-25, step=1,
                                                                 label="Distance (N_tl offset)"))
-                            max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens"))
+                            max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens", elem_id="max-new"))
                         with gr.Row():
                             stop = gr.Button("Stop", size="sm", variant="stop", elem_id="stop")
                             clear = gr.Button("Clear chat", size="sm")
                             to_compare = gr.Button("Compare methods on this question", size="sm")
-                        if examples:
-                            gr.Examples([[{"text": e["prompt"], "files": [e["image"]]}] for e in examples],
-                                        inputs=[msg], label="Example scenes", elem_id="chat-examples")
                     with gr.Column(scale=5, min_width=420):
                         with gr.Row():
                             layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="layer")
@@ -758,7 +761,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         c_image = readable_image_input(gr.Image(type="filepath", label="Image", height=260))
                         c_question = gr.Textbox(label="Question", lines=2, elem_id="compare-question")
                         c_budget = checked_number(gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget"))
-                        c_max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens"))
+                        c_max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens", elem_id="max-new"))
                         c_methods = gr.CheckboxGroup(
                             [(viz.method_name(m), m) for m in elastic.METHODS if m != "full"],
                             value=[m for m in COMPARE_METHODS if m != "full"],
@@ -808,6 +811,8 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
 demo = build()
 
 CSS = """
+#chat-examples > .gallery { display: flex; flex-wrap: wrap; gap: 4px; }
+#chat-examples .gallery-item { padding: 2px 6px; }
 #status { min-height: 1.5em; }
 .ec-compare > tbody > tr > td { border: 1px solid #ddd; }
 .ec-compare table td { border: none !important; padding: 2px 8px !important; }

@@ -9,6 +9,7 @@ chromium``) and the ``playwright`` package; never ``playwright install``.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,9 @@ def page(tmp_path_factory):
         page.goto(blocks.local_url)
         page.wait_for_selector("#msg textarea", timeout=TIMEOUT)
         page.prompt = json.loads((examples / "examples.json").read_text())[0]["prompt"]
+        page.examples = json.loads((examples / "examples.json").read_text())
+        page.url0, page.model = blocks.local_url, model
+        page.browser = browser
         yield page
         browser.close()
     blocks.close()
@@ -132,3 +136,101 @@ def test_compare_tab_shows_three_answers(page):
     assert "Full cache" in html and "Elastic Cache" in html and "H2O" in html and "ROUGE-L" in html
     page.screenshot(path=str(ARTIFACTS / "app_compare.png"), full_page=True)
     assert page.errors == []
+
+
+def _open(page, width=1280, height=720, dark=False, max_new=24):
+    other = page.browser.new_page(viewport={"width": width, "height": height},
+                                  color_scheme="dark" if dark else "light")
+    other.errors, other.examples = [], page.examples
+    other.on("pageerror", lambda error: other.errors.append(str(error)))
+    other.goto(page.url0 + ("?__theme=dark" if dark else ""))
+    other.wait_for_selector("#msg textarea", timeout=TIMEOUT)
+    limit = other.locator("#max-new input[type=number]")  # short answers keep the test fast
+    limit.fill(str(max_new))
+    limit.press("Enter")
+    return other
+
+
+def _send_example(page, index):
+    prompt = page.examples[index]["prompt"]
+    page.locator("#chat-examples .gallery-item").nth(index).click()
+    page.wait_for_selector("#msg img", timeout=TIMEOUT)
+    page.locator("#msg textarea").press("Enter")
+    return prompt
+
+
+def _answered(page):
+    page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('KV entries')",
+                           timeout=TIMEOUT)
+
+
+def test_first_screen_fits_a_projector(page):
+    projector = _open(page, 1280, 720)
+    for selector in ("#chat-examples", "#method", "#budget", "#msg", "#chatbot", "#heatmap"):
+        box = projector.locator(selector).first.bounding_box()
+        assert box and box["y"] >= 0 and box["y"] + box["height"] <= 720, f"{selector} is below the fold: {box}"
+    assert "synthetic shape scenes" in projector.locator("body").inner_text()  # the model's scope is said
+    projector.screenshot(path=str(ARTIFACTS / "app_1280x720.png"))
+    projector.close()
+
+
+def test_stop_ends_a_long_generation(page):
+    tab = _open(page, 1280, 720)
+    eos = page.model.generation_config.eos_token_id
+    page.model.generation_config.eos_token_id = None  # it would run to the 160-token limit
+    try:
+        _send_example(tab, 1)
+        tab.wait_for_function("() => (document.querySelector('#chatbot .bot:last-of-type')?.innerText || '')"
+                              ".trim().split(' ').length >= 3", timeout=TIMEOUT)
+        tab.locator("#stop").click()
+        pressed = time.perf_counter()
+        tab.wait_for_function("() => document.querySelector('#status')?.innerText.includes('Stopped after')",
+                              timeout=TIMEOUT)
+        assert time.perf_counter() - pressed < 5
+    finally:
+        page.model.generation_config.eos_token_id = eos
+    assert tab.locator("#chatbot .bot").last.inner_text().strip()  # what was written stays
+    tab.close()
+
+
+def test_two_tabs_generating_at_once_get_their_own_answers(page):
+    tabs = [_open(page), _open(page)]
+    asked = [_send_example(tabs[0], 0), _send_example(tabs[1], 2)]
+    # The second tab's question shows at once, while it waits for the first.
+    tabs[1].wait_for_function("() => /waiting for the model|Generating/.test("
+                              "document.querySelector('#status')?.innerText || '')", timeout=10_000)
+    for tab, question in zip(tabs, asked):
+        _answered(tab)
+        users = tab.locator("#chatbot .user")
+        assert question in users.last.inner_text() and users.count() == 1
+        assert tab.locator("#chatbot .bot").last.inner_text().strip()
+        assert tab.errors == []
+        tab.close()
+
+
+def test_how_it_works_states_the_clamped_fixed_point(page):
+    tab = _open(page, 1280, 720)
+    box = tab.locator("#budget input[type=number]")
+    box.fill("0.1")
+    box.press("Enter")
+    _send_example(tab, 0)
+    _answered(tab)
+    tab.get_by_role("tab", name="How it works").click()
+    text = tab.locator("#explain").inner_text()
+    assert "would fall inside the attention sink" in text and "clamped to 1" in text
+    tab.close()
+
+
+def test_dark_theme_keeps_everything_readable(page):
+    tab = _open(page, 1280, 720, dark=True)
+    _send_example(tab, 0)
+    _answered(tab)
+    _plot_rendered(tab, "heatmap", "heatmaplayer image")
+    body = tab.evaluate("getComputedStyle(document.body).backgroundColor")
+    rgb = [int(x) for x in body[body.index("(") + 1:body.index(")")].split(",")[:3]]
+    assert sum(rgb) < 200, f"the dark theme did not apply: {body}"
+    plot = tab.evaluate("getComputedStyle(document.querySelector('#heatmap .main-svg')).backgroundColor")
+    assert plot in ("rgba(0, 0, 0, 0)", "transparent"), f"a light box on the dark page: {plot}"
+    tab.screenshot(path=str(ARTIFACTS / "app_dark.png"))
+    assert tab.errors == []
+    tab.close()
