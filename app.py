@@ -731,7 +731,8 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             start_size = checked_number(gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)"))
                             distance = checked_number(gr.Slider(-64, 0, value=-25, step=1,
                                                                 label="Distance (N_tl offset)"))
-                            max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens", elem_id="max-new"))
+                            max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens",
+                                                               elem_id="max-new"))
                         with gr.Row():
                             stop = gr.Button("Stop", size="sm", variant="stop", elem_id="stop")
                             clear = gr.Button("Clear chat", size="sm")
@@ -761,7 +762,8 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         c_image = readable_image_input(gr.Image(type="filepath", label="Image", height=260))
                         c_question = gr.Textbox(label="Question", lines=2, elem_id="compare-question")
                         c_budget = checked_number(gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget"))
-                        c_max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens", elem_id="max-new"))
+                        c_max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens",
+                                                             elem_id="compare-max-new"))
                         c_methods = gr.CheckboxGroup(
                             [(viz.method_name(m), m) for m in elastic.METHODS if m != "full"],
                             value=[m for m in COMPARE_METHODS if m != "full"],

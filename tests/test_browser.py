@@ -175,7 +175,7 @@ def test_first_screen_fits_a_projector(page):
 
 
 def test_stop_ends_a_long_generation(page):
-    tab = _open(page, 1280, 720)
+    tab = _open(page, 1280, 720, max_new=300)
     eos = page.model.generation_config.eos_token_id
     page.model.generation_config.eos_token_id = None  # it would run to the 160-token limit
     try:
