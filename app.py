@@ -392,7 +392,9 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     user_turn = {"role": "user", "content": ([{"path": new_image}] if new_image else []) + [question]}
     shown = history + [user_turn, {"role": "assistant", "content": ""}]
     note = " New image: the model's context restarts from this message." if new_image and history else ""
-    yield (shown, gr.update(value=None), f"Generating with {viz.method_name(method)}…{note}", *no_change)
+    pending = viz.message_figure(f"Generating with {viz.method_name(method)}: the figures follow when the answer ends.")
+    yield (shown, gr.update(value=None), f"Generating with {viz.method_name(method)}…{note}",
+           pending, pending, pending, pending, gr.update(), pending, pending, *no_change[7:])
 
     try:
         model, processor = MODEL.get()
@@ -666,6 +668,15 @@ def compare_from_chat(history, message, method, budget, max_new_tokens):
 
 
 # -- layout --------------------------------------------------------------------------------------
+def examples_label(examples: list[dict]) -> str:
+    """The examples' heading; it says which ones the default (Elastic Cache at 0.5) gets
+    wrong, as ``examples.json`` records (``default_right``, checked by a test)."""
+    wrong = [str(i + 1) for i, e in enumerate(examples) if e.get("default_right") is False]
+    which = "all of them" if len(wrong) == len(examples) else ", ".join(wrong)
+    note = f" (Elastic at 0.5 gets {which} wrong: see why in the figures)" if wrong else ""
+    return "Example scenes: click one, then press Enter" + note
+
+
 def load_examples(folder: Path) -> list[dict]:
     """``examples.json`` of ``folder`` with absolute image paths ([] if there is none)."""
     path = Path(folder) / "examples.json"
@@ -700,7 +711,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             render=False)
                         if examples:
                             gr.Examples([[{"text": e["prompt"], "files": [e["image"]]}] for e in examples],
-                                        inputs=[msg], label="Example scenes: click one, then press Enter",
+                                        inputs=[msg], label=examples_label(examples),
                                         example_labels=[f"{i + 1}. {e['prompt']}" for i, e in enumerate(examples)],
                                         elem_id="chat-examples")
                         with gr.Row():
@@ -709,7 +720,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             budget = checked_number(gr.Slider(0.05, 1.0, value=0.5, step=0.05, elem_id="budget",
                                                               label="Budget (fraction kept)"))
                         status = gr.Markdown(label="status", elem_id="status")
-                        chatbot = gr.Chatbot(label="Chat", height=190, elem_id="chatbot")
+                        chatbot = gr.Chatbot(label="Chat", height=170, elem_id="chatbot")
                         msg.render()
                         with gr.Accordion("Ablation: change one choice of Elastic Cache", open=False,
                                           elem_id="ablation"):

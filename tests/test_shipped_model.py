@@ -71,6 +71,22 @@ def test_the_apps_examples_are_answered_right_with_the_full_cache(default):
             assert answer == example["reference"], (example["image"], answer)
 
 
+def test_the_examples_say_which_ones_the_apps_default_gets_wrong(default):
+    """``default_right`` in examples.json (the app's heading states it): Elastic Cache at the
+    app's default budget answers as the full cache does, or it does not."""
+    model, processor = default
+    examples = json.loads((ROOT / "assets" / "examples" / "examples.json").read_text())
+    for example in examples:
+        image = elastic.load_image(str(ROOT / "assets" / "examples" / example["image"]))
+        answer = elastic.generate(model, processor, image, example["prompt"], method="elastic", budget=0.5,
+                                  max_new_tokens=60).text
+        if example["prompt"] == DESCRIBE_PROMPT:
+            right = all_objects_right(make_scene(example["seed"]), answer)
+        else:
+            right = answer == example["reference"]
+        assert right == example["default_right"], (example["image"], answer)
+
+
 def test_default_elastic_on_the_shipped_model_is_the_papers_method(default):
     """On the real 30-layer model, the library's default Elastic Cache makes the decisions of
     the naive loop implementation of the paper's rules (eager attention maps), token for token."""
