@@ -49,6 +49,9 @@ MAX_QUESTION_CHARS = 4000  # checked before tokenising
 MAX_BODY_BYTES = 1 << 20  # JSON requests; uploads have their own 20 MB cap
 MAX_SECONDS = float(os.environ.get("ELASTIC_MAX_SECONDS", 120))  # per request, then it stops
 QUEUE_SIZE = int(os.environ.get("ELASTIC_QUEUE_SIZE", 16))  # waiting requests; more get "busy"
+# Generations at once. 1 by default: on 2 CPU cores two at once are not faster in total
+# (bench/soak_app.py --concurrency 2, docs/benchmarks.md); a GPU host may raise it.
+CONCURRENCY = int(os.environ.get("ELASTIC_CONCURRENCY", 1))
 COMPARE_METHODS = ("full", "elastic", "h2o")
 ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cache.SCOPES,
                     "prefill": elastic_cache.PREFILLS, "decode": elastic_cache.DECODES,
@@ -798,7 +801,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
         controls = [method, budget, start_size, distance, max_new, layer, importance, scope, prefill, decode, protect]
         msg.submit(waiting_status, [msg], [status], queue=False, api_name=False, show_progress="hidden")
         msg.submit(chat, [msg, chatbot, *controls], [chatbot, msg, status, *panel, layer, step, head],
-                   api_name="chat", concurrency_id="model", concurrency_limit=1)
+                   api_name="chat", concurrency_id="model", concurrency_limit=CONCURRENCY)
         # Not queued: it must get through while the chat holds the model's queue slot.
         stop.click(stop_generation, None, None, api_name="stop", queue=False)
         c_stop.click(stop_generation, None, None, api_name=False, queue=False)
@@ -809,7 +812,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
         chatbot.clear(clear_chat, None, [chatbot, msg, status, *panel, head], api_name=False)
         c_run.click(compare, [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context],
                     [c_html, c_json, c_lengths],
-                    api_name="compare", concurrency_id="model", concurrency_limit=1)
+                    api_name="compare", concurrency_id="model", concurrency_limit=CONCURRENCY)
         to_compare.click(compare_from_chat, [chatbot, msg, method, budget, max_new],
                          [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context, tabs],
                          api_name=False)

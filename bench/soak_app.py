@@ -17,6 +17,7 @@ answer to its own question).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import threading
 import time
@@ -36,8 +37,12 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=None, help="generations at once (app.CONCURRENCY)")
+    ap.add_argument("--new", type=int, default=16, help="new tokens per concurrent client's answer")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.concurrency is not None:  # read when app is imported
+        os.environ["ELASTIC_CONCURRENCY"] = str(args.concurrency)
 
     from gradio_client import Client, handle_file
 
@@ -73,10 +78,11 @@ def main(argv=None):
         else:
             client.predict(api_name="/stop")
 
-    print(f"| requests | RSS (MB) | app sessions | gradio sessions | failures | seconds |\n|---|---|---|---|---|---|")
     failures, start, client = 0, time.perf_counter(), None
-    print(f"| 0 | {rss_mb():.0f} | {len(app.SESSIONS)} | {len(app.demo.state_holder.session_data)} | 0 | 0 |",
-          flush=True)
+    if args.requests:
+        print(f"| requests | RSS (MB) | app sessions | gradio sessions | failures | seconds |\n|---|---|---|---|---|---|")
+        print(f"| 0 | {rss_mb():.0f} | {len(app.SESSIONS)} | {len(app.demo.state_holder.session_data)} | 0 | 0 |",
+              flush=True)
     for i in range(args.requests):
         if i % 2 == 0:
             client = Client(url, verbose=False)
@@ -97,7 +103,7 @@ def main(argv=None):
         question = f"What is in cell {k % 9 + 1}?"
         t0 = time.perf_counter()
         job = client.submit({"text": question, "files": [handle_file(images[k % len(images)])]}, [], "elastic",
-                            0.5, 1, -25, 16, 0, api_name="/chat")
+                            0.5, 1, -25, args.new, 0, api_name="/chat")
         rank = None
         while not job.done():
             status = job.status()
@@ -114,7 +120,8 @@ def main(argv=None):
         t.start()
     for t in threads:
         t.join()
-    print(f"\n{args.clients} clients at once (16 new tokens each, queue concurrency 1), all done in "
+    print(f"\n{args.clients} clients at once ({args.new} new tokens each, {app.CONCURRENCY} generation(s) at once), "
+          f"all done in "
           f"{time.perf_counter() - t0:.1f} s\n\n| client | queue rank first seen | seconds to answer | own answer |\n"
           f"|---|---|---|---|")
     for k, (rank, seconds, own) in enumerate(results):
