@@ -811,7 +811,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
         clear.click(clear_chat, None, [chatbot, msg, status, *panel, head], api_name=False)
         chatbot.clear(clear_chat, None, [chatbot, msg, status, *panel, head], api_name=False)
         c_run.click(compare, [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context],
-                    [c_html, c_json, c_lengths],
+                    [c_html, c_json, c_lengths], show_progress_on=[c_html],  # one progress bar, not three
                     api_name="compare", concurrency_id="model", concurrency_limit=CONCURRENCY)
         to_compare.click(compare_from_chat, [chatbot, msg, method, budget, max_new],
                          [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context, tabs],
