@@ -487,7 +487,8 @@ def stop_generation(request: gr.Request = None):
 def clear_chat(request: gr.Request):
     session = session_of(request)
     session.trace = session.image = session.stats = None
-    return [], None, "", *render_panel(session, 0, 0), head_slider(None)
+    reset = gr.update(maximum=1, value=0)  # no stale layer / step ranges from the last answer
+    return [], None, "", *render_panel(session, 0, 0), reset, reset, head_slider(None)
 
 
 # -- compare -------------------------------------------------------------------------------------
@@ -808,8 +809,8 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
         for slider in (layer, step, head):
             slider.change(on_slider, [layer, step, head], panel, api_name=False, show_progress="hidden",
                           trigger_mode="always_last")
-        clear.click(clear_chat, None, [chatbot, msg, status, *panel, head], api_name=False)
-        chatbot.clear(clear_chat, None, [chatbot, msg, status, *panel, head], api_name=False)
+        clear.click(clear_chat, None, [chatbot, msg, status, *panel, layer, step, head], api_name=False)
+        chatbot.clear(clear_chat, None, [chatbot, msg, status, *panel, layer, step, head], api_name=False)
         c_run.click(compare, [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context],
                     [c_html, c_json, c_lengths], show_progress_on=[c_html],  # one progress bar, not three
                     api_name="compare", concurrency_id="model", concurrency_limit=CONCURRENCY)

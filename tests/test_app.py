@@ -519,6 +519,16 @@ def test_the_server_holds_gradio_state_for_no_more_sessions_than_its_own(server)
 
 
 # -- wiring details -------------------------------------------------------------------------------
+def test_clear_chat_resets_the_sliders_ranges():
+    request = SimpleNamespace(session_hash="clearing", client=SimpleNamespace(host="h"))
+    app.session_of(request).trace = object()  # as after an answer
+    out = app.clear_chat(request)
+    assert out[0] == [] and app.SESSIONS["clearing"].trace is None
+    layer, step, head = out[-3:]
+    assert layer == step == {"__type__": "update", "maximum": 1, "value": 0}
+    assert head["visible"] is False
+
+
 def test_unload_forgets_the_session():
     app.SESSIONS["gone"] = app.Session()
     app.forget_session(SimpleNamespace(session_hash="gone"))
