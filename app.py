@@ -25,11 +25,12 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,8 @@ ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cac
                     "protect": elastic_cache.PROTECTS}
 EMPTY = "(empty answer)"
 STREAM_HZ = 10  # chat updates per second while streaming
-GENERATING: set[threading.Thread] = set()  # generation threads running now (every one is a chat's)
+GENERATING: set[threading.Thread] = set()  # generation threads running now (chats' and compares')
+DURATIONS: deque[float] = deque(maxlen=20)  # seconds of the last answers, for the waiting estimate
 
 
 # A user's mistake is one line in the server log (gradio would print a traceback for each).
@@ -456,6 +458,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
         return
 
     gen = result["gen"]
+    DURATIONS.append(gen.stats["total_s"])
     session = session_of(request)
     # A display-sized copy is all the overlay needs (sessions may pile up).
     session.trace, session.image, session.stats = gen.trace, image and _small(image), gen.stats
@@ -473,10 +476,16 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
 
 
 def waiting_status(message) -> str:
-    """The status while a question waits for the model (not queued: shown at once)."""
+    """The status while a question waits for the model (not queued: shown at once), with
+    how long recent answers took, measured here (gradio's own estimate shows the place)."""
     text = (message.get("text") or "").strip() if isinstance(message, dict) else ""
+    if not text:
+        return ""
     short = text if len(text) <= 80 else text[:80] + "…"
-    return f"⏳ Sent “{short}”; waiting for the model (it answers one request at a time)." if text else ""
+    busy = len(GENERATING)
+    typical = f"; answers here take about {statistics.median(DURATIONS):.0f} s" if DURATIONS else ""
+    ahead = f" ({busy} running now{typical})" if busy else ""
+    return f"⏳ Sent “{short}”; waiting for the model{ahead}."
 
 
 def stop_generation(request: gr.Request = None):

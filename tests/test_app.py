@@ -592,7 +592,16 @@ def test_compare_with_context_answers_as_the_chat_does(server):
     assert alone["answers"]["full"] == direct.text
     assert with_context["metrics"]["full"]["prompt_tokens"] > alone["metrics"]["full"]["prompt_tokens"] \
         == direct.stats["prompt_tokens"]
-    assert "what is here?" in app.waiting_status({"text": "what is here?"})
+    assert "what is here?" in app.waiting_status({"text": "what is here?"}) and "running" not in \
+        app.waiting_status({"text": "what is here?"})
+
+
+def test_the_waiting_status_says_what_runs_and_how_long_answers_take(monkeypatch):
+    monkeypatch.setattr(app, "GENERATING", {object()})
+    monkeypatch.setattr(app, "DURATIONS", app.deque([4.0, 10.0, 6.0]))
+    status = app.waiting_status({"text": "what colour?"})
+    assert "“what colour?”" in status and "1 running now" in status and "about 6 s" in status
+    assert app.waiting_status({"text": "  "}) == "" and app.waiting_status(None) == ""
 
 
 def test_compare_methods_are_checked_and_ordered():
