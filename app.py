@@ -588,7 +588,9 @@ def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, us
             for turn in context:
                 for path in _blocks(turn)[1]:
                     served_image(path)
-            prompt, _ = conversation(context, question, None)
+            prompt, context_image = conversation(context, question, None)
+            if context_image is None and prompt[0]["role"] == "user":  # a text-only chat: the image goes first
+                prompt[0] = elastic.user_message(prompt[0]["content"][-1]["text"], with_image=True)
     except ValueError as error:
         raise refused(_without_folder(error, str(image))) from None
     except (AttributeError, KeyError, TypeError, IndexError):

@@ -592,6 +592,9 @@ def test_compare_with_context_answers_as_the_chat_does(server):
     assert alone["answers"]["full"] == direct.text
     assert with_context["metrics"]["full"]["prompt_tokens"] > alone["metrics"]["full"]["prompt_tokens"] \
         == direct.stats["prompt_tokens"]
+    text_only = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+    answered = list(app.compare(scene, "What colour is the circle?", 0.5, 4, ["elastic"], True, text_only))[-1][1]
+    assert answered["answers"]["full"].strip()  # a text-only chat as context: the image joins its first turn
     assert "what is here?" in app.waiting_status({"text": "what is here?"}) and "running" not in \
         app.waiting_status({"text": "what is here?"})
 
