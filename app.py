@@ -50,15 +50,17 @@ MAX_QUESTION_CHARS = 4000  # checked before tokenising
 MAX_BODY_BYTES = 1 << 20  # JSON requests; uploads have their own 20 MB cap
 MAX_SECONDS = float(os.environ.get("ELASTIC_MAX_SECONDS", 120))  # per request, then it stops
 QUEUE_SIZE = int(os.environ.get("ELASTIC_QUEUE_SIZE", 16))  # waiting requests; more get "busy"
-# Generations at once. 1 by default: on 2 CPU cores two at once are not faster in total
-# (bench/soak_app.py --concurrency 2, docs/benchmarks.md); a GPU host may raise it.
+# Generations at once. 1 by default, so each answer streams at the model's own speed; on 2 CPU
+# cores 2 at once served 8 clients in 32 s instead of 45 (bench/soak_app.py, docs/benchmarks.md).
 CONCURRENCY = int(os.environ.get("ELASTIC_CONCURRENCY", 1))
 COMPARE_METHODS = ("full", "elastic", "h2o")
 ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cache.SCOPES,
                     "prefill": elastic_cache.PREFILLS, "decode": elastic_cache.DECODES,
                     "protect": elastic_cache.PROTECTS}
 EMPTY = "(empty answer)"
-STREAM_HZ = 10  # chat updates per second while streaming
+# Chat updates per second while streaming: each costs the server about 0.1 s through gradio's
+# queue, which the model's decoding pays for (docs/benchmarks.md: 10 Hz 4.8 tok/s, 3 Hz 7.1).
+STREAM_HZ = float(os.environ.get("ELASTIC_STREAM_HZ", 3))
 GENERATING: set[threading.Thread] = set()  # generation threads running now (chats' and compares')
 DURATIONS: deque[float] = deque(maxlen=20)  # seconds of the last answers, for the waiting estimate
 
