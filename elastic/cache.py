@@ -224,7 +224,9 @@ class PolicyLayer(DynamicLayer):
 
     # Keep the cache usable with generate() features that reshape the batch.
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("elastic caches do not support beam search or num_return_sequences > 1")
+        # (num_return_sequences with sampling repeats the prompt before the prefill: that works,
+        # as a batch of equal prompts; only a cache already filled cannot be repeated.)
+        raise NotImplementedError("elastic caches cannot be repeated once filled (beam search, contrastive search)")
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("elastic caches do not support beam search")

@@ -312,3 +312,16 @@ def test_attention_received_chunks_agree_with_naive():
                                        for j in range(13)])
                 expected[b] += logits.softmax(0) / 4
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_num_return_sequences_with_sampling_is_a_batch_of_equal_prompts(llama):
+    ids = prompt(24, seed=8)
+    torch.manual_seed(0)
+    several = llama.generate(ids, cache=elastic.make_cache("elastic", budget=0.5), max_new_tokens=6, do_sample=True,
+                             num_return_sequences=2)
+    torch.manual_seed(0)
+    batch = llama.generate(ids.repeat(2, 1), cache=elastic.make_cache("elastic", budget=0.5), max_new_tokens=6,
+                           do_sample=True)
+    assert torch.equal(several, batch) and several.shape[0] == 2
+    with pytest.raises(NotImplementedError, match="beam search"):
+        llama.generate(ids, cache=elastic.make_cache("elastic", budget=0.5), max_new_tokens=3, num_beams=2)
