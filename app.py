@@ -436,6 +436,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     limit.start()
     partial, last = "", 0.0
     generating = gr.update(value=f"Generating with {viz.method_name(method)}… (Stop ends it){note}")
+    streamed = False
     try:
         for chunk in streamer:
             partial += chunk
@@ -446,10 +447,11 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
                 shown[-1] = {"role": "assistant", "content": partial}
                 yield (shown, gr.update(), generating, *no_change)
                 generating = gr.update()
+        streamed = True  # the answer ended by itself (the worker may still be building its trace)
     finally:
-        # Also when the client went away (gradio closes this generator at a yield): the
-        # model stops after the current token instead of running to the limit unseen.
-        if worker.is_alive():
+        # When the client went away (gradio closes this generator at a yield): the model
+        # stops after the current token instead of running to the limit unseen.
+        if worker.is_alive() and not streamed:
             stop.set()
         worker.join()
         limit.cancel()
