@@ -59,7 +59,7 @@ ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cac
                     "protect": elastic_cache.PROTECTS}
 EMPTY = "(empty answer)"
 # Chat updates per second while streaming: each costs the server about 0.1 s through gradio's
-# queue, which the model's decoding pays for (docs/benchmarks.md: 10 Hz 4.8 tok/s, 3 Hz 7.1).
+# queue, which the model's decoding pays for (docs/benchmarks.md: 10 Hz 5.5 tok/s, 3 Hz 7.4, 1 Hz 10.1).
 STREAM_HZ = float(os.environ.get("ELASTIC_STREAM_HZ", 3))
 GENERATING: set[threading.Thread] = set()  # generation threads running now (chats' and compares')
 DURATIONS: deque[float] = deque(maxlen=20)  # seconds of the last answers, for the waiting estimate
