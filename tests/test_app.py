@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,6 +82,24 @@ def resend(history: list) -> list:
             return {"type": "file", "file": handle_file(item["file"])}
         return item
     return [{**m, "content": [block(c) for c in m["content"]]} for m in history]
+
+
+@contextmanager
+def endless(model):
+    """Answers that run to the token limit (EOS switched off) while the block runs."""
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        yield
+    finally:
+        model.generation_config.eos_token_id = eos
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    return condition()
 
 
 def figure(output) -> dict:
@@ -204,21 +223,12 @@ def test_stop_ends_the_generation_and_keeps_what_was_written(server, images):
 def test_a_chat_whose_client_leaves_stops_generating(server, images):
     client = Client(server.url, verbose=False)
     message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}
-    eos = server.model.generation_config.eos_token_id
-    server.model.generation_config.eos_token_id = None  # it would run to 500 tokens (about 30 s)
-    try:
+    with endless(server.model):  # it would run to 500 tokens (about 30 s)
         job = client.submit(message, [], "full", 1.0, 1, -8, 500, 0, api_name="/chat")
-        deadline = time.time() + 60
-        while len(job.outputs()) < 3 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(job.outputs()) >= 3, 60)
         assert app.GENERATING, "the generation should be running"
         job.cancel()  # what gradio does when a browser tab goes away
-        deadline = time.time() + 5
-        while app.GENERATING and time.time() < deadline:
-            time.sleep(0.05)
-        assert not app.GENERATING, "the generation kept running after its client left"
-    finally:
-        server.model.generation_config.eos_token_id = eos
+        assert wait_until(lambda: not app.GENERATING, 5), "the generation kept running after its client left"
 
 
 # -- compare --------------------------------------------------------------------------------------
@@ -375,17 +385,13 @@ def test_a_long_question_under_the_body_limit_is_refused_before_tokenising(serve
 
 def test_a_request_stops_at_the_time_limit(server, images, monkeypatch):
     client = Client(server.url, verbose=False)
-    eos = server.model.generation_config.eos_token_id
-    server.model.generation_config.eos_token_id = None
     monkeypatch.setattr(app, "MAX_SECONDS", 3.0)
-    try:
+    with endless(server.model):
         start = time.perf_counter()
         out = chat(client, images["red"], "Describe the image in detail.", method="full", max_new_tokens=500)[-1]
         elapsed = time.perf_counter() - start
         _, payload, _ = client.predict(handle_file(str(images["red"])), "Describe the image.", 0.5, 500,
                                        api_name="/compare")
-    finally:
-        server.model.generation_config.eos_token_id = eos
     assert "time limit of 3 s" in out[2] and elapsed < 15
     assert session_trace(client).decode_steps < 499
     assert "full" in payload["answers"] and len(payload["answers"]) < 3
@@ -395,24 +401,20 @@ def test_a_request_stops_at_the_time_limit(server, images, monkeypatch):
 def test_a_full_queue_says_busy(server, images):
     queue = app.demo._queue
     size, queue.max_size = queue.max_size, 1
-    eos = server.model.generation_config.eos_token_id
-    server.model.generation_config.eos_token_id = None
     clients = [Client(server.url, verbose=False) for _ in range(3)]
     message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}
-    try:
-        running = clients[0].submit(message, [], "full", 1.0, 1, -8, 500, 0, api_name="/chat")
-        deadline = time.time() + 60
-        while not app.GENERATING and time.time() < deadline:
-            time.sleep(0.05)
-        waiting = clients[1].submit(message, [], "full", 1.0, 1, -8, 4, 0, api_name="/chat")
-        time.sleep(1.0)
-        with pytest.raises(Exception, match="Queue is full"):
-            clients[2].predict(message, [], "full", 1.0, 1, -8, 4, 0, api_name="/chat")
-    finally:
-        queue.max_size = size
-        clients[0].predict(api_name="/stop")
-        running.result()
-        server.model.generation_config.eos_token_id = eos
+    with endless(server.model):
+        try:
+            running = clients[0].submit(message, [], "full", 1.0, 1, -8, 500, 0, api_name="/chat")
+            wait_until(lambda: app.GENERATING, 60)
+            waiting = clients[1].submit(message, [], "full", 1.0, 1, -8, 4, 0, api_name="/chat")
+            time.sleep(1.0)
+            with pytest.raises(Exception, match="Queue is full"):
+                clients[2].predict(message, [], "full", 1.0, 1, -8, 4, 0, api_name="/chat")
+        finally:
+            queue.max_size = size
+            clients[0].predict(api_name="/stop")
+            running.result()
     assert waiting.result()[0][-1]["role"] == "assistant"  # the waiting one still ran
 
 
@@ -459,37 +461,22 @@ def test_layer_nan_is_read_as_zero():
 
 def test_an_abandoned_compare_stops_generating(server, images):
     client = Client(server.url, verbose=False)
-    eos = server.model.generation_config.eos_token_id
-    server.model.generation_config.eos_token_id = None
-    try:
+    with endless(server.model):
         job = client.submit(handle_file(str(images["red"])), "Describe the image.", 0.5, 500, api_name="/compare")
-        deadline = time.time() + 60
-        while not (app.GENERATING and job.outputs()) and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: app.GENERATING and job.outputs(), 60)
         assert app.GENERATING, "the compare should be running"
         job.cancel()
-        deadline = time.time() + 5
-        while app.GENERATING and time.time() < deadline:
-            time.sleep(0.05)
-        assert not app.GENERATING, "the compare kept running after its client left"
-    finally:
-        server.model.generation_config.eos_token_id = eos
+        assert wait_until(lambda: not app.GENERATING, 5), "the compare kept running after its client left"
 
 
 def test_stop_ends_a_compare_with_the_answers_so_far(server, images):
     client = Client(server.url, verbose=False)
-    eos = server.model.generation_config.eos_token_id
-    server.model.generation_config.eos_token_id = None
-    try:
+    with endless(server.model):
         job = client.submit(handle_file(str(images["red"])), "Describe the image.", 0.5, 500, api_name="/compare")
-        deadline = time.time() + 60
-        while not app.GENERATING and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: app.GENERATING, 60)
         time.sleep(0.5)
         client.predict(api_name="/stop")
         _, payload, _ = job.result()
-    finally:
-        server.model.generation_config.eos_token_id = eos
     assert list(payload["answers"]) == ["full"] and payload["answers"]["full"].strip()
     assert payload["metrics"]["full"]["new_tokens"] < 500
     assert any("Ended by Stop" in w and "not run: Elastic Cache, H2O" in w for w in payload["warnings"])
