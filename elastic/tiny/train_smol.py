@@ -188,20 +188,20 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(embedded.ASSET_DIR))
     ap.add_argument("--vision-from", default=str(SHIPPED_MODEL_DIR), help="LLaVA whose vision tower is reused")
-    ap.add_argument("--read-steps", type=int, default=1000,
+    ap.add_argument("--read-steps", type=int, default=1500,
                     help="stage 1: the tower learns to classify image tokens into slot words")
-    ap.add_argument("--align-steps", type=int, default=150, help="stage 1: the projector onto the words' embeddings")
+    ap.add_argument("--align-steps", type=int, default=400, help="stage 1: the projector onto the words' embeddings")
     ap.add_argument("--vision-batch-size", type=int, default=32)
     ap.add_argument("--vision-lr", type=float, default=2e-3)
     ap.add_argument("--tower-lr-scale", type=float, default=1.0,
                     help="learning rate of the tiny LLaVA's tower layers / --vision-lr (routing layers: 1)")
     ap.add_argument("--route-weight", type=float, default=1.0, help="weight of the routing guide")
-    ap.add_argument("--steps", type=int, default=400, help="stage 2: LoRA on chats")
+    ap.add_argument("--steps", type=int, default=800, help="stage 2: LoRA on chats")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the LoRA factors")
     ap.add_argument("--projector-lr", type=float, default=0.0, help="stage 2 projector learning rate (0: frozen)")
     ap.add_argument("--description-rate", type=float, default=0.6)
-    ap.add_argument("--max-questions", type=int, default=3)
+    ap.add_argument("--max-questions", type=int, default=4)
     ap.add_argument("--text-rate", type=float, default=0.08, help="fraction of text-only chats")
     ap.add_argument("--text-prompts", type=int, default=len(TEXT_PROMPTS),
                     help="how many of TEXT_PROMPTS the base LM answers for the text-only chats")
@@ -327,21 +327,22 @@ def main(argv: list[str] | None = None) -> None:
     # ---- stage 1b: the projector writes the classified words' embeddings, then is fine-tuned onto them
     for p in projector:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": projector, "peak": args.vision_lr / 4}], weight_decay=0.0)
+    opt = torch.optim.AdamW([{"params": projector, "peak": args.vision_lr / 2}], weight_decay=0.0)
     start = first_step("align", opt)
     if start == 0:
         vision.projector_from_classifier(model, head, word_ids, scene_batch()[1])
     for step in tqdm(range(start, args.align_steps), desc="align", mininterval=5,
                      initial=min(start, args.align_steps), total=args.align_steps):
         scenes, pixels = scene_batch()
-        targets = word_ids[vision.slot_classes(words, scenes)]
+        classes = vision.slot_classes(words, scenes)
+        targets = word_ids[classes]
         if step == start or (step + 1) % (args.log_every * 5) == 0 or step + 1 == args.align_steps:
             hit, object_hit = vision.word_accuracy(model, pixels, targets, scenes)
             write(f"align step={step} nearest_word_acc={hit:.3f} object_word_acc={object_hit:.3f} "
                   f"elapsed={time.time() - t0:.0f}s")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.align_steps, g["peak"], args.warmup)
-        loss = vision.align_loss(model, pixels, targets)
+        loss = vision.align_loss(model, pixels, classes, word_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
