@@ -448,6 +448,10 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
                 yield (shown, gr.update(), generating, *no_change)
                 generating = gr.update()
         streamed = True  # the answer ended by itself (the worker may still be building its trace)
+        if partial and shown[-1]["content"] != partial:
+            # The whole answer as soon as it is written; the figures take a moment longer.
+            shown[-1] = {"role": "assistant", "content": partial}
+            yield (shown, gr.update(), gr.update(value="Answer complete; drawing the figures…"), *no_change)
     finally:
         # When the client went away (gradio closes this generator at a yield): the model
         # stops after the current token instead of running to the limit unseen.

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--save-every", type=int, default=25)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    ap.add_argument("--eval-n", type=int, default=10, help="validation scenes checked at the end")
+    ap.add_argument("--eval-n", type=int, default=20, help="validation scenes checked at the end")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
