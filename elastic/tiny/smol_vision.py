@@ -139,10 +139,11 @@ def projector_from_classifier(model, head: torch.nn.Linear, word_ids: torch.Tens
     proj.linear_2.weight[:, :n] = embed[word_ids].T / active
 
 
-def align_loss(model, pixel_values, classes: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
+def align_loss(model, pixel_values, classes: torch.Tensor, word_ids: torch.Tensor, ce_weight: float = 1.0) -> torch.Tensor:
     """How far the image tokens are from their slot words' embeddings: the mean squared
     distance (in units of the embedding table's variance) plus a cross-entropy over the
-    slot vocabulary with the negative squared distances as logits.
+    slot vocabulary with the negative squared distances as logits, weighted ``ce_weight``
+    (0: the squared distance alone, as in run 4).
 
     ``classes`` ``(batch, 81)`` indexes ``word_ids`` (the slot words' token ids). The
     squared distance alone settles between confusable words (object words nearest to
@@ -152,8 +153,10 @@ def align_loss(model, pixel_values, classes: torch.Tensor, word_ids: torch.Tenso
     embed = model.model.language_model.embed_tokens.weight.detach()
     features = image_features(model, pixel_values)
     mse = F.mse_loss(features, embed[word_ids[classes]]) / embed.var()
+    if not ce_weight:
+        return mse
     distance = torch.cdist(features.flatten(0, 1), embed[word_ids])
-    return mse + F.cross_entropy(-distance ** 2, classes.flatten())
+    return mse + ce_weight * F.cross_entropy(-distance ** 2, classes.flatten())
 
 
 @torch.no_grad()

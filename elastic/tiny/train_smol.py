@@ -20,8 +20,10 @@ Two stages:
    tower and projector are frozen), with some text-only chats whose targets are the base
    LM's own answers, so the model still chats without an image.
 
-The defaults reproduce the shipped files (run 4 in docs/embedded-model.md: about an hour
-on 2 CPU cores).
+The defaults are run 5's recipe (docs/embedded-model.md). The shipped files are run 4's
+(about an hour on 2 CPU cores): ``--read-steps 1000 --align-steps 150 --align-ce 0 --steps 400
+--max-questions 3 --eval-n 10`` with the align step's learning rate at ``--vision-lr / 4``
+(``--align-lr-scale 0.25``).
 
 Checkpoints go to ``OUT/checkpoint.pt`` every ``--save-every`` steps; ``--resume``
 continues from the last one with the same data stream (the RNG states are saved).
@@ -191,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--read-steps", type=int, default=1500,
                     help="stage 1: the tower learns to classify image tokens into slot words")
     ap.add_argument("--align-steps", type=int, default=400, help="stage 1: the projector onto the words' embeddings")
+    ap.add_argument("--align-ce", type=float, default=1.0,
+                    help="weight of the align step's cross-entropy over the slot words (0: squared distance only, run 4)")
+    ap.add_argument("--align-lr-scale", type=float, default=0.5, help="align step's peak learning rate / --vision-lr")
     ap.add_argument("--vision-batch-size", type=int, default=32)
     ap.add_argument("--vision-lr", type=float, default=2e-3)
     ap.add_argument("--tower-lr-scale", type=float, default=1.0,
@@ -327,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- stage 1b: the projector writes the classified words' embeddings, then is fine-tuned onto them
     for p in projector:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": projector, "peak": args.vision_lr / 2}], weight_decay=0.0)
+    opt = torch.optim.AdamW([{"params": projector, "peak": args.vision_lr * args.align_lr_scale}], weight_decay=0.0)
     start = first_step("align", opt)
     if start == 0:
         vision.projector_from_classifier(model, head, word_ids, scene_batch()[1])
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"elapsed={time.time() - t0:.0f}s")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.align_steps, g["peak"], args.warmup)
-        loss = vision.align_loss(model, pixels, classes, word_ids)
+        loss = vision.align_loss(model, pixels, classes, word_ids, args.align_ce)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
