@@ -350,16 +350,20 @@ def _problem(text: str):
 def chat(message, history, method, budget, start_size, distance, max_new_tokens, layer,
          importance="sum", scope="layer", prefill="merge", decode="fixed-point", protect="none",
          request: gr.Request = None):
-    """Stream an answer, then update the side panel. Bad input leaves the chat untouched.
+    """Stream an answer into the chat; ``show_panel`` (chained after it) draws the side
+    panel from the trace it leaves in the session. Bad input leaves the chat untouched.
+
+    The chat text, the message box and the status are this event's only outputs: gradio
+    rebuilds a component for every ``gr.update()`` output of every streamed message (about
+    2 ms each, holding the GIL the model needs), so the figures are not among them
+    (docs/benchmarks.md).
 
     ``importance`` ... ``protect`` are Elastic's ablation options (other methods ignore them).
     """
     history = list(history or [])
     message = message if isinstance(message, dict) else {}
-    no_change = [gr.update()] * 10
-
     def refuse(text):
-        return (history, gr.update(), _problem(text), *no_change)
+        return history, gr.update(), _problem(text)
 
     try:
         question = checked_text(str(message.get("text") or ""))
@@ -399,14 +403,12 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     user_turn = {"role": "user", "content": ([{"path": new_image}] if new_image else []) + [question]}
     shown = history + [user_turn, {"role": "assistant", "content": ""}]
     note = " New image: the model's context restarts from this message." if new_image and history else ""
-    pending = viz.message_figure(f"Generating with {viz.method_name(method)}: the figures follow when the answer ends.")
-    yield (shown, gr.update(value=None), f"Generating with {viz.method_name(method)}…{note}",
-           pending, pending, pending, pending, gr.update(), pending, pending, *no_change[7:])
+    yield shown, gr.update(value=None), f"Generating with {viz.method_name(method)}…{note}"
 
     try:
         model, processor = MODEL.get()
     except elastic.ModelLoadError as error:
-        yield (history, gr.update(value=message), _problem(str(error)), *no_change)
+        yield history, gr.update(value=message), _problem(str(error))
         return
     tokenizer = getattr(processor, "tokenizer", processor)
     stop = session_of(request).stop
@@ -435,7 +437,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     worker.start()
     limit.start()
     partial, last = "", 0.0
-    generating = gr.update(value=f"Generating with {viz.method_name(method)}… (Stop ends it){note}")
+    generating = f"Generating with {viz.method_name(method)}… (Stop ends it){note}"
     streamed = False
     try:
         for chunk in streamer:
@@ -445,13 +447,12 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
             if time.perf_counter() - last >= 1 / STREAM_HZ:
                 last = time.perf_counter()
                 shown[-1] = {"role": "assistant", "content": partial}
-                yield (shown, gr.update(), generating, *no_change)
-                generating = gr.update()
+                yield shown, gr.update(), generating
         streamed = True  # the answer ended by itself (the worker may still be building its trace)
         if partial and shown[-1]["content"] != partial:
             # The whole answer as soon as it is written; the figures take a moment longer.
             shown[-1] = {"role": "assistant", "content": partial}
-            yield (shown, gr.update(), gr.update(value="Answer complete; drawing the figures…"), *no_change)
+            yield shown, gr.update(), "Answer complete; the figures follow."
     finally:
         # When the client went away (gradio closes this generator at a yield): the model
         # stops after the current token instead of running to the limit unseen.
@@ -462,7 +463,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     if "error" in result:
         error = result["error"]
         text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-        yield (history, gr.update(value=message), _problem(f"No answer: {text}"), *no_change)
+        yield history, gr.update(value=message), _problem(f"No answer: {text}")
         return
 
     gen = result["gen"]
@@ -475,12 +476,28 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     for w in gen.warnings:
         gr.Warning(w)
     shown[-1] = {"role": "assistant", "content": gen.text or EMPTY}
-    steps, layers = gen.trace.decode_steps, gen.trace.num_layers
+    yield shown, gr.update(), viz.summary_markdown(gen.trace, gen.stats, gen.warnings)
+
+
+def show_panel(layer, request: gr.Request = None):
+    """The side panel for the session's last answer (chained after ``chat``, API ``/panel``):
+    the figures at ``layer`` and the last step, with the sliders' ranges; the placeholder
+    when there is no answer yet."""
+    session = session_of(request)
+    if session.trace is None:
+        reset = gr.update(maximum=1, value=0)
+        return *render_panel(session, 0, 0), reset, reset, head_slider(None)
+    steps, layers = session.trace.decode_steps, session.trace.num_layers
     layer = min(max(_index(layer), 0), layers - 1)
-    panel = render_panel(session, layer, steps)
-    yield (shown, gr.update(), viz.summary_markdown(gen.trace, gen.stats, gen.warnings), *panel,
-           gr.update(maximum=max(layers - 1, 1), value=layer), gr.update(maximum=max(steps, 1), value=steps),
-           head_slider(gen.trace))
+    return (*render_panel(session, layer, steps), gr.update(maximum=max(layers - 1, 1), value=layer),
+            gr.update(maximum=max(steps, 1), value=steps), head_slider(session.trace))
+
+
+def pending_panel():
+    """The panel's placeholder from sending until ``show_panel`` draws the new answer's
+    figures (not queued: shown at once; the explanation stays)."""
+    pending = viz.message_figure("The figures follow when the answer ends.")
+    return pending, pending, pending, pending, gr.update(), pending, pending
 
 
 def waiting_status(message) -> str:
@@ -820,8 +837,11 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
         panel = [heatmap, groups, overlay, timeline, explain, teach_groups, teach_timeline]
         controls = [method, budget, start_size, distance, max_new, layer, importance, scope, prefill, decode, protect]
         msg.submit(waiting_status, [msg], [status], queue=False, api_name=False, show_progress="hidden")
-        msg.submit(chat, [msg, chatbot, *controls], [chatbot, msg, status, *panel, layer, step, head],
-                   api_name="chat", concurrency_id="model", concurrency_limit=CONCURRENCY)
+        msg.submit(pending_panel, None, panel, queue=False, api_name=False, show_progress="hidden")
+        # The panel is drawn after the answer, by its own event: see chat() for why.
+        msg.submit(chat, [msg, chatbot, *controls], [chatbot, msg, status],
+                   api_name="chat", concurrency_id="model", concurrency_limit=CONCURRENCY
+                   ).then(show_panel, [layer], [*panel, layer, step, head], api_name="panel", show_progress="hidden")
         # Not queued: it must get through while the chat holds the model's queue slot.
         stop.click(stop_generation, None, None, api_name="stop", queue=False)
         c_stop.click(stop_generation, None, None, api_name=False, queue=False)

@@ -11,8 +11,8 @@ see the same machine. Per rate it prints the medians of:
 * the library's tokens/s, new tokens / its ``total_s`` (prefill included);
 * the app's tokens/s to the complete answer: new tokens / seconds from sending until the
   client holds the whole answer text (the figures come after it);
-* the app's tokens/s until its last update (figures drawn), and the decode speed its
-  status line reports.
+* the app's tokens/s until its figures are drawn (``/chat``, then ``/panel``, as the page
+  chains them), and the decode speed its status line reports.
 
 The client does not download the files in each streamed update (``download_files=False``),
 as a browser, which caches the image, does not; gradio_client's default fetches the chat's
@@ -53,11 +53,13 @@ def timed_chat(client, example, handle_file) -> dict:
         time.sleep(0.01)
     final = job.result()
     end = time.perf_counter() - start
+    client.predict(0, api_name="/panel")  # what the page chains after /chat: the figures
+    figures = time.perf_counter() - start
     outputs = job.outputs()
     times += [end] * (len(outputs) - len(times))
     answer = final[0][-1]  # the chat's last message
     complete = next(t for out, t in zip(outputs, times) if out[0] and out[0][-1] == answer)
-    return {"tokens": int(re.search(r"(\d+) new tokens", final[2]).group(1)), "complete_s": complete, "end_s": end,
+    return {"tokens": int(re.search(r"(\d+) new tokens", final[2]).group(1)), "complete_s": complete, "end_s": figures,
             "decode": float(re.search(r"([\d.]+) tokens/s", final[2]).group(1)), "updates": len(outputs)}
 
 

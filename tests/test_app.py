@@ -65,14 +65,17 @@ ABLATION = ("importance", "scope", "prefill", "decode", "protect")
 
 def chat(client, image, text, history=(), method="elastic", budget=0.5, start_size=1, distance=-8,
          max_new_tokens=12, layer=0, **options):
-    """Run /chat and return every yield (the last one is the final state); ``options`` are
-    Elastic's ablation options (left out: the API's defaults)."""
+    """Run /chat and return every yield; the last one is the final state, followed by what
+    /panel (chained after /chat in the page) draws for it: chat, box, status, the seven
+    panel outputs, the layer, step and head sliders. ``options`` are Elastic's ablation
+    options (left out: the API's defaults)."""
     message = {"text": text, "files": [handle_file(str(image))] if image else []}
     extra = [options[k] for k in ABLATION[:max((ABLATION.index(k) + 1 for k in options), default=0)]]
     job = client.submit(message, resend(list(history)), method, budget, start_size, distance, max_new_tokens, layer,
                         *extra, api_name="/chat")
     job.result()
-    return job.outputs()
+    outputs = job.outputs()
+    return [*outputs[:-1], (*outputs[-1], *client.predict(layer, api_name="/panel"))]
 
 
 def resend(history: list) -> list:
@@ -120,6 +123,9 @@ def test_chat_streams_an_answer_and_draws_its_trace(server, images):
     client = Client(server.url, verbose=False)
     outputs = chat(client, images["red"], "what is in the image ?")
     assert len(outputs) >= 3  # "generating", at least one streamed chunk, the final state
+    # Streamed messages carry the chat, the box and the status only (each extra output costs
+    # the model time while it streams); the figures come from /panel afterwards.
+    assert all(len(o) == 3 for o in outputs[:-1]) and len(outputs[-1]) == 3 + 10
     history, _, status, heat, groups, overlay, timeline, explain, *_teach, layer, step, _head = outputs[-1]
     answer = history[-1]
     assert answer["role"] == "assistant" and answer["content"][0]["text"].strip()

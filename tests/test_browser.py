@@ -160,7 +160,9 @@ def _send_example(page, index):
 
 
 def _answered(page):
-    page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('KV entries')",
+    """Wait for the answer's summary and for the panel drawn after it (by /panel)."""
+    page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('KV entries')"
+                           " && !document.querySelector('#heatmap')?.textContent.includes('figures follow')",
                            timeout=TIMEOUT)
 
 
