@@ -838,10 +838,12 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
         controls = [method, budget, start_size, distance, max_new, layer, importance, scope, prefill, decode, protect]
         msg.submit(waiting_status, [msg], [status], queue=False, api_name=False, show_progress="hidden")
         msg.submit(pending_panel, None, panel, queue=False, api_name=False, show_progress="hidden")
-        # The panel is drawn after the answer, by its own event: see chat() for why.
+        # The panel is drawn after the answer, by its own event (see chat() for why); like
+        # every event that does not wait for the model, a full queue does not refuse it.
         msg.submit(chat, [msg, chatbot, *controls], [chatbot, msg, status],
                    api_name="chat", concurrency_id="model", concurrency_limit=CONCURRENCY
-                   ).then(show_panel, [layer], [*panel, layer, step, head], api_name="panel", show_progress="hidden")
+                   ).then(show_panel, [layer], [*panel, layer, step, head], api_name="panel", show_progress="hidden",
+                          queue=False)
         # Not queued: it must get through while the chat holds the model's queue slot.
         stop.click(stop_generation, None, None, api_name="stop", queue=False)
         c_stop.click(stop_generation, None, None, api_name=False, queue=False)
@@ -875,6 +877,36 @@ CSS = """
 """
 
 
+def bound_only_model_events(blocks: gr.Blocks) -> None:
+    """Apply the queue's ``max_size`` to the events that wait for the model (chat and
+    compare) only. Gradio 6 puts every event through its queue and refuses any of them while
+    it is full, even those with ``queue=False``: a class filling the queue would leave Stop,
+    the panel of a finished answer and the sliders refused with "Queue is full"."""
+    queue = blocks._queue
+    push = queue.push
+    exempt = {"running": 0, "limit": None}  # pushes in flight, and the limit they lifted
+
+    async def push_bounded(body, request, username):
+        fn = blocks.fns.get(body.fn_index) if body.fn_index is not None else None
+        if fn is None or fn.concurrency_id == "model":
+            return await push(body, request, username)
+        # Room for this push (its size check runs before its first await); a model event
+        # pushed while this one waits on a lock gets at most one extra place.
+        if not exempt["running"]:
+            exempt["limit"] = queue.max_size
+        exempt["running"] += 1
+        limit = exempt["limit"]
+        queue.max_size = None if limit is None else max(limit, len(queue) + 1)
+        try:
+            return await push(body, request, username)
+        finally:
+            exempt["running"] -= 1
+            if not exempt["running"]:
+                queue.max_size = limit
+
+    queue.push = push_bounded
+
+
 def serve(blocks: gr.Blocks | None = None, **launch):
     """Queue and launch ``blocks`` (default: ``demo``) within the server's bounds; ``launch``
     adds or overrides ``Blocks.launch`` arguments (host, port; tests: ``prevent_thread_lock``)."""
@@ -882,6 +914,7 @@ def serve(blocks: gr.Blocks | None = None, **launch):
 
     blocks = blocks or demo
     blocks.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    bound_only_model_events(blocks)
     options = dict(css=CSS, theme=gr.themes.Soft(), max_file_size="20mb", allowed_paths=[str(EXAMPLES_DIR)],
                    state_session_capacity=MAX_SESSIONS, app_kwargs={"middleware": [Middleware(RequestTooLarge)]})
     return blocks.launch(**{**options, **launch})

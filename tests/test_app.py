@@ -417,6 +417,11 @@ def test_a_full_queue_says_busy(server, images):
             time.sleep(1.0)
             with pytest.raises(Exception, match="Queue is full"):
                 clients[2].predict(message, [], "full", 1.0, 1, -8, 4, 0, api_name="/chat")
+            # Events that do not wait for the model still get through: a finished answer's
+            # figures, and Stop.
+            assert len(clients[2].predict(0, api_name="/panel")) == 10
+            clients[0].predict(api_name="/stop")
+            assert "Stopped after" in running.result()[2]
         finally:
             queue.max_size = size
             clients[0].predict(api_name="/stop")
