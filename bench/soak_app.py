@@ -67,6 +67,7 @@ def main(argv=None):
         if kind == 0:
             client.predict({"text": "What colour is the shape in cell 1?", "files": [image]}, [], "elastic", 0.5, 1,
                            -25, 4, 0, api_name="/chat")
+            client.predict(0, api_name="/panel")  # as the page does after every answer
         elif kind == 1:
             out = client.predict({"text": "  ", "files": []}, [], "elastic", 0.5, 1, -25, 4, 0, api_name="/chat")
             assert "empty" in out[2]
@@ -75,6 +76,7 @@ def main(argv=None):
         elif kind == 3:
             client.predict({"text": "Describe the image.", "files": [image]}, [], "h2o", 0.3, 1, -25, 2, 0,
                            api_name="/chat")
+            client.predict(0, api_name="/panel")
         else:
             client.predict(api_name="/stop")
 
