@@ -362,6 +362,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     """
     history = list(history or [])
     message = message if isinstance(message, dict) else {}
+
     def refuse(text):
         return history, gr.update(), _problem(text)
 
