@@ -59,7 +59,7 @@ def timed_chat(client, example, handle_file) -> dict:
     times += [end] * (len(outputs) - len(times))
     answer = final[0][-1]  # the chat's last message
     complete = next(t for out, t in zip(outputs, times) if out[0] and out[0][-1] == answer)
-    return {"tokens": int(re.search(r"(\d+) new tokens", final[2]).group(1)), "complete_s": complete, "end_s": figures,
+    return {"tokens": int(re.search(r"(\d+) new tokens", final[2]).group(1)), "complete_s": complete, "figures_s": figures,
             "decode": float(re.search(r"([\d.]+) tokens/s", final[2]).group(1)), "updates": len(outputs)}
 
 
@@ -109,7 +109,7 @@ def main(argv=None):
                 runs.append(timed_chat(client, example, handle_file))
             med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
             to_text = statistics.median(r["tokens"] / r["complete_s"] for r in runs)
-            to_end = statistics.median(r["tokens"] / r["end_s"] for r in runs)
+            to_end = statistics.median(r["tokens"] / r["figures_s"] for r in runs)
             print(f"| {hz} | {statistics.median(lib):.1f} | {to_text:.1f} | {to_text / statistics.median(lib):.2f}x "
                   f"| {to_end:.1f} | {med('decode'):.1f} | {med('updates'):.0f} |", flush=True)
         finally:
