@@ -20,10 +20,10 @@ Two stages:
    tower and projector are frozen), with some text-only chats whose targets are the base
    LM's own answers, so the model still chats without an image.
 
-The defaults are run 5's recipe (docs/embedded-model.md). The shipped files are run 4's
-(about an hour on 2 CPU cores): ``--read-steps 1000 --align-steps 150 --align-ce 0 --steps 400
---max-questions 3 --eval-n 10`` with the align step's learning rate at ``--vision-lr / 4``
-(``--align-lr-scale 0.25``).
+The defaults are run 5's recipe, which made the shipped files (about 2 hours on 2 CPU
+cores; docs/embedded-model.md). Run 4, shipped before it (about an hour): ``--read-steps 1000
+--align-steps 150 --align-ce 0 --steps 400 --max-questions 3 --eval-n 10`` with the align
+step's learning rate at ``--vision-lr / 4`` (``--align-lr-scale 0.25``).
 
 Checkpoints go to ``OUT/checkpoint.pt`` every ``--save-every`` steps; ``--resume``
 continues from the last one with the same data stream (the RNG states are saved).
