@@ -54,6 +54,8 @@ QUEUE_SIZE = int(os.environ.get("ELASTIC_QUEUE_SIZE", 16))  # waiting requests; 
 # cores 2 at once served 8 clients in 32 s instead of 45 (bench/soak_app.py, docs/benchmarks.md).
 CONCURRENCY = int(os.environ.get("ELASTIC_CONCURRENCY", 1))
 COMPARE_METHODS = ("full", "elastic", "h2o")
+# The Explore tab's first settings; examples.json's ``default_right`` is measured with them.
+DEFAULT_METHOD, DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS = "elastic", 0.5, 160
 ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cache.SCOPES,
                     "prefill": elastic_cache.PREFILLS, "decode": elastic_cache.DECODES,
                     "protect": elastic_cache.PROTECTS}
@@ -710,11 +712,13 @@ def compare_from_chat(history, message, method, budget, max_new_tokens):
 
 # -- layout --------------------------------------------------------------------------------------
 def examples_label(examples: list[dict]) -> str:
-    """The examples' heading; it says which ones the default (Elastic Cache at 0.5) gets
-    wrong, as ``examples.json`` records (``default_right``, checked by a test)."""
+    """The examples' heading; it says which ones the default settings (``DEFAULT_METHOD`` at
+    ``DEFAULT_BUDGET``) get wrong, as ``examples.json`` records (``default_right``, checked by
+    a test)."""
     wrong = [str(i + 1) for i, e in enumerate(examples) if e.get("default_right") is False]
     which = "all of them" if len(wrong) == len(examples) else ", ".join(wrong)
-    note = f" (Elastic at 0.5 gets {which} wrong: see why in the figures)" if wrong else ""
+    name = viz.method_name(DEFAULT_METHOD).split(" (")[0]
+    note = f" ({name} at {DEFAULT_BUDGET:g} gets {which} wrong: see why in the figures)" if wrong else ""
     return "Example scenes: click one, then press Enter" + note
 
 
@@ -756,10 +760,10 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                                         example_labels=[f"{i + 1}. {e['prompt']}" for i, e in enumerate(examples)],
                                         elem_id="chat-examples")
                         with gr.Row():
-                            method = gr.Dropdown([(viz.method_name(m), m) for m in elastic.METHODS], value="elastic",
-                                                 label="Method", elem_id="method")
-                            budget = checked_number(gr.Slider(0.05, 1.0, value=0.5, step=0.05, elem_id="budget",
-                                                              label="Budget (fraction kept)"))
+                            method = gr.Dropdown([(viz.method_name(m), m) for m in elastic.METHODS],
+                                                 value=DEFAULT_METHOD, label="Method", elem_id="method")
+                            budget = checked_number(gr.Slider(0.05, 1.0, value=DEFAULT_BUDGET, step=0.05,
+                                                              elem_id="budget", label="Budget (fraction kept)"))
                         status = gr.Markdown(label="status", elem_id="status")
                         chatbot = gr.Chatbot(label="Chat", height=170, elem_id="chatbot")
                         msg.render()
@@ -783,8 +787,8 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                             start_size = checked_number(gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)"))
                             distance = checked_number(gr.Slider(-64, 0, value=-25, step=1,
                                                                 label="Distance (N_tl offset)"))
-                            max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens",
-                                                               elem_id="max-new"))
+                            max_new = checked_number(gr.Slider(1, 512, value=DEFAULT_MAX_NEW_TOKENS, step=1,
+                                                               label="Max new tokens", elem_id="max-new"))
                         with gr.Row():
                             stop = gr.Button("Stop", size="sm", variant="stop", elem_id="stop")
                             clear = gr.Button("Clear chat", size="sm")
@@ -814,8 +818,8 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         c_image = readable_image_input(gr.Image(type="filepath", label="Image", height=260))
                         c_question = gr.Textbox(label="Question", lines=2, elem_id="compare-question")
                         c_budget = checked_number(gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget"))
-                        c_max_new = checked_number(gr.Slider(1, 512, value=160, step=1, label="Max new tokens",
-                                                             elem_id="compare-max-new"))
+                        c_max_new = checked_number(gr.Slider(1, 512, value=DEFAULT_MAX_NEW_TOKENS, step=1,
+                                                             label="Max new tokens", elem_id="compare-max-new"))
                         c_methods = gr.CheckboxGroup(
                             [(viz.method_name(m), m) for m in elastic.METHODS if m != "full"],
                             value=[m for m in COMPARE_METHODS if m != "full"],

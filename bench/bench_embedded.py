@@ -1,10 +1,9 @@
 """Speed of a scene model on this CPU: what a user of the app waits for.
 
-    ./run.sh python bench/bench_embedded.py                          # scene-smollm2 (once trained)
+    ./run.sh python bench/bench_embedded.py --threads 2 --repeats 3   # the default, scene-smollm2
     ./run.sh python bench/bench_embedded.py --model tiny-llava --threads 1
 
-Not measured yet: it is for SmolLM2 with eyes, which has no trained weights that meet its
-quality bar (docs/embedded-model.md).
+Results and the command's date are in docs/benchmarks.md ("The default model").
 
 Measured side by side in one run, each the median of ``--repeats`` runs after one warm-up:
 

@@ -72,14 +72,16 @@ def test_the_apps_examples_are_answered_right_with_the_full_cache(default):
 
 
 def test_the_examples_say_which_ones_the_apps_default_gets_wrong(default):
-    """``default_right`` in examples.json (the app's heading states it): Elastic Cache at the
-    app's default budget answers as the full cache does, or it does not."""
+    """``default_right`` in examples.json (the app's heading states it): the app's first
+    settings (method, budget, max new tokens) answer right, or they do not."""
+    from app import DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD
+
     model, processor = default
     examples = json.loads((ROOT / "assets" / "examples" / "examples.json").read_text())
     for example in examples:
         image = elastic.load_image(str(ROOT / "assets" / "examples" / example["image"]))
-        answer = elastic.generate(model, processor, image, example["prompt"], method="elastic", budget=0.5,
-                                  max_new_tokens=60).text
+        answer = elastic.generate(model, processor, image, example["prompt"], method=DEFAULT_METHOD,
+                                  budget=DEFAULT_BUDGET, max_new_tokens=DEFAULT_MAX_NEW_TOKENS).text
         if example["prompt"] == DESCRIBE_PROMPT:
             right = all_objects_right(make_scene(example["seed"]), answer)
         else:

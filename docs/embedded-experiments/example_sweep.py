@@ -1,0 +1,64 @@
+"""Which example scenes, methods and budgets give answers a teacher can stand behind?
+
+    ./run.sh python docs/embedded-experiments/example_sweep.py --first 1 --n 8 --budgets 0.5,0.7
+
+For the app's candidate example scenes (``python -m elastic.tiny.data``'s numbering: index
+``i`` is validation scene ``VAL_OFFSET + 500_000 + i``, a description for even ``i``, a
+question for odd ``i``), answers each with the full cache and with Elastic Cache, H2O and
+Local at each budget (160 new tokens, the app's default; greedy, the default model, exactly as the app and
+``tests/test_shipped_model.py`` do) and prints a right/wrong table. A description is right
+when every object is named in its cell with its colour and shape; a question when the
+answer is the reference. Not a test: it picks examples, which the tests then check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+import elastic
+from elastic.tiny.data import DESCRIBE_PROMPT, IMAGE_SIZE, QA_KINDS, VAL_OFFSET, ask, describe, make_scene, render
+from elastic.tiny.evaluate import score_description
+
+
+def right(scene, prompt: str, reference: str, answer: str) -> bool:
+    if prompt == DESCRIBE_PROMPT:
+        s = score_description(scene, answer)
+        return s["all"] == s["objects"] == len(scene.objects)
+    return answer.strip() == reference
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--first", type=int, default=1)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--budgets", default="0.5,0.7")
+    ap.add_argument("--methods", default="elastic,h2o,local")
+    ap.add_argument("--model", default=None, help="default: the shipped model")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, processor = elastic.load_model(args.model, device="cpu")
+    runs = [("full", 1.0)] + [(m, float(b)) for b in args.budgets.split(",") for m in args.methods.split(",")]
+    print("| index | seed | prompt | " + " | ".join(f"{m} {b:g}" if m != "full" else "full" for m, b in runs) + " |")
+    print("|---" * (3 + len(runs)) + "|")
+    start = time.time()
+    for i in range(args.first, args.first + args.n):
+        scene = make_scene(VAL_OFFSET + 500_000 + i)
+        prompt, reference = ((DESCRIBE_PROMPT, describe(scene)) if i % 2 == 0
+                             else ask(scene, QA_KINDS[i % len(QA_KINDS)], random.Random(i)))
+        image = render(scene, 3 * IMAGE_SIZE)
+        marks = []
+        for method, budget in runs:
+            answer = elastic.generate(model, processor, image, prompt, method=method, budget=budget,
+                                      max_new_tokens=160).text
+            marks.append("right" if right(scene, prompt, reference, answer) else "wrong")
+        print(f"| {i} | {scene.seed} | {prompt} | " + " | ".join(marks) + " |", flush=True)
+    print(f"({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
