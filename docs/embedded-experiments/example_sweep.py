@@ -2,9 +2,8 @@
 
     ./run.sh python docs/embedded-experiments/example_sweep.py --first 1 --n 8 --budgets 0.5,0.7
 
-For the app's candidate example scenes (``python -m elastic.tiny.data``'s numbering: index
-``i`` is validation scene ``VAL_OFFSET + 500_000 + i``, a description for even ``i``, a
-question for odd ``i``), answers each with the full cache and with Elastic Cache, H2O and
+For the app's candidate example scenes (``elastic.tiny.data.example(i)``, the numbering of
+``python -m elastic.tiny.data``), answers each with the full cache and with Elastic Cache, H2O and
 Local at each budget (160 new tokens, the app's default; greedy, the default model, exactly as the app and
 ``tests/test_shipped_model.py`` do) and prints a right/wrong table. A description is right
 when every object is named in its cell with its colour and shape; a question when the
@@ -14,13 +13,13 @@ answer is the reference. Not a test: it picks examples, which the tests then che
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 import torch
 
 import elastic
-from elastic.tiny.data import DESCRIBE_PROMPT, IMAGE_SIZE, QA_KINDS, VAL_OFFSET, ask, describe, make_scene, render
+from app import DEFAULT_MAX_NEW_TOKENS
+from elastic.tiny.data import DESCRIBE_PROMPT, IMAGE_SIZE, example, render
 from elastic.tiny.evaluate import score_description
 
 
@@ -47,14 +46,12 @@ def main() -> None:
     print("|---" * (3 + len(runs)) + "|")
     start = time.time()
     for i in range(args.first, args.first + args.n):
-        scene = make_scene(VAL_OFFSET + 500_000 + i)
-        prompt, reference = ((DESCRIBE_PROMPT, describe(scene)) if i % 2 == 0
-                             else ask(scene, QA_KINDS[i % len(QA_KINDS)], random.Random(i)))
+        scene, prompt, reference = example(i)
         image = render(scene, 3 * IMAGE_SIZE)
         marks = []
         for method, budget in runs:
             answer = elastic.generate(model, processor, image, prompt, method=method, budget=budget,
-                                      max_new_tokens=160).text
+                                      max_new_tokens=DEFAULT_MAX_NEW_TOKENS).text
             marks.append("right" if right(scene, prompt, reference, answer) else "wrong")
         print(f"| {i} | {scene.seed} | {prompt} | " + " | ".join(marks) + " |", flush=True)
     print(f"({time.time() - start:.0f} s)")

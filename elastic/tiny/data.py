@@ -375,6 +375,15 @@ def corpus(n_scenes: int = 3000, seed: int = 0) -> list[str]:
     return texts
 
 
+def example(i: int) -> tuple[Scene, str, str]:
+    """The app's candidate example ``i``: a validation scene, its prompt and reference answer
+    (a description for even ``i``, a question for odd ``i``)."""
+    scene = make_scene(VAL_OFFSET + 500_000 + i)
+    prompt, reference = ((DESCRIBE_PROMPT, describe(scene)) if i % 2 == 0
+                         else ask(scene, QA_KINDS[i % len(QA_KINDS)], random.Random(i)))
+    return scene, prompt, reference
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Render example scenes for the app.")
     ap.add_argument("--out", default="assets/examples")
@@ -389,11 +398,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     examples = []
     for k, i in enumerate(range(args.first, args.first + args.n)):
-        scene = make_scene(VAL_OFFSET + 500_000 + i)
+        scene, prompt, reference = example(i)
         name = f"scene_{k}.png"
         render(scene, args.size).save(out / name)
-        prompt, reference = ((DESCRIBE_PROMPT, describe(scene)) if i % 2 == 0
-                             else ask(scene, QA_KINDS[i % len(QA_KINDS)], random.Random(i)))
         # default_right (does Elastic Cache at the app's default budget answer right?) is set by
         # hand after a run; tests/test_shipped_model.py fails until it is.
         examples.append({"image": name, "prompt": prompt, "seed": scene.seed, "reference": reference,
