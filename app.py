@@ -717,8 +717,8 @@ def examples_label(examples: list[dict]) -> str:
     a test)."""
     wrong = [str(i + 1) for i, e in enumerate(examples) if e.get("default_right") is False]
     which = "all of them" if len(wrong) == len(examples) else ", ".join(wrong)
-    name = viz.method_name(DEFAULT_METHOD).split(" (")[0]
-    note = f" ({name} at {DEFAULT_BUDGET:g} gets {which} wrong: see why in the figures)" if wrong else ""
+    setting = f"{viz.method_name(DEFAULT_METHOD)} at {DEFAULT_BUDGET:g}"
+    note = f" ({setting} gets {which} wrong: see why in the figures)" if wrong else ""
     return "Example scenes: click one, then press Enter" + note
 
 

@@ -14,7 +14,7 @@ import torch
 
 import elastic
 from elastic.tiny.data import DESCRIBE_PROMPT, VAL_OFFSET, describe, make_scene, render
-from elastic.tiny.evaluate import generate, score_description
+from elastic.tiny.evaluate import all_objects_right, generate
 
 ROOT = elastic.SHIPPED_MODEL.parent.parent
 SCENE = make_scene(VAL_OFFSET + 1)  # a validation scene: never trained on
@@ -24,11 +24,6 @@ SCENE = make_scene(VAL_OFFSET + 1)  # a validation scene: never trained on
 def default():
     torch.set_num_threads(2)
     return elastic.load_model(device="cpu")
-
-
-def all_objects_right(scene, text: str) -> bool:
-    score = score_description(scene, text)
-    return score["all"] == score["objects"] == len(scene.objects)
 
 
 def test_the_default_is_smollm2_with_eyes(default):

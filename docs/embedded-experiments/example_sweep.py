@@ -20,13 +20,12 @@ import torch
 import elastic
 from app import DEFAULT_MAX_NEW_TOKENS
 from elastic.tiny.data import DESCRIBE_PROMPT, IMAGE_SIZE, example, render
-from elastic.tiny.evaluate import score_description
+from elastic.tiny.evaluate import all_objects_right
 
 
 def right(scene, prompt: str, reference: str, answer: str) -> bool:
     if prompt == DESCRIBE_PROMPT:
-        s = score_description(scene, answer)
-        return s["all"] == s["objects"] == len(scene.objects)
+        return all_objects_right(scene, answer)
     return answer.strip() == reference
 
 

@@ -72,6 +72,12 @@ def score_description(scene, text: str) -> dict:
     return s
 
 
+def all_objects_right(scene, text: str) -> bool:
+    """Every object of ``scene`` named in its cell with its colour and shape."""
+    score = score_description(scene, text)
+    return score["all"] == score["objects"] == len(scene.objects)
+
+
 @torch.inference_mode()
 def generate(model, processor, image, question: str, max_new_tokens: int = 128, cache=None) -> str:
     """Greedy answer to ``question`` about ``image`` in a fresh single-turn chat."""
