@@ -87,16 +87,17 @@ def refused(text: str) -> gr.Error:
 class ModelSlot:
     """The one model of this server, loaded on first use (tests can :meth:`set` their own)."""
 
-    def __init__(self, name: str | None = None):
-        self.name, self.device = name, None
+    def __init__(self, name: str | None = None, quantize: str | None = None):
+        self.name, self.device, self.quantize = name, None, quantize
         self.model = self.processor = None
         self._lock = threading.Lock()
 
-    def load(self, name: str | None = None, device: str | None = None):
+    def load(self, name: str | None = None, device: str | None = None, quantize: str | None = None):
         """Load ``name`` (default: the one given before); raises ``elastic.ModelLoadError``."""
         with self._lock:
             self.name, self.device = name or self.name, device or self.device
-            self.model, self.processor = elastic.load_model(self.name, device=self.device)
+            self.quantize = quantize or self.quantize
+            self.model, self.processor = elastic.load_model(self.name, device=self.device, quantize=self.quantize)
         return self.model, self.processor
 
     def set(self, model, processor):
@@ -108,7 +109,7 @@ class ModelSlot:
         return (self.model, self.processor) if loaded else self.load()
 
 
-MODEL = ModelSlot(os.environ.get("ELASTIC_MODEL"))
+MODEL = ModelSlot(os.environ.get("ELASTIC_MODEL"), os.environ.get("ELASTIC_QUANTIZE") or None)
 
 
 @dataclass
@@ -931,6 +932,8 @@ def parse_args(argv=None):
                         help="hub id, local path, scene-smollm2 (default) or tiny-llava, e.g. "
                              "llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf, Qwen/Qwen2-VL-2B-Instruct")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--quantize", default=os.environ.get("ELASTIC_QUANTIZE") or None, choices=("int8",),
+                        help="int8: weight-only int8 language model, faster decoding on a CPU (not the default)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
@@ -940,8 +943,8 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     args = parse_args()
     try:
-        MODEL.load(args.model, args.device)
-    except elastic.ModelLoadError as error:
-        hint = "" if args.model else " (./run.sh sets it up; or pass --model)"
+        MODEL.load(args.model, args.device, args.quantize)
+    except (elastic.ModelLoadError, ValueError) as error:  # ValueError: a setting that cannot work
+        hint = "" if args.model or isinstance(error, ValueError) else " (./run.sh sets it up; or pass --model)"
         sys.exit(f"error: {error}{hint}")
     serve(server_name=args.host, server_port=args.port, share=args.share)

@@ -9,10 +9,15 @@ Measured side by side in one run, each the median of ``--repeats`` runs after on
 
 * ``load``: ``elastic.load_model()`` once the cache directory exists;
 * ``prefill``: the prompt's forward pass (time to the first token in the library);
-* ``80 tokens``: a greedy description forced to 80 new tokens, full cache and Elastic 0.5;
+* ``80 tokens``: a greedy description forced to 80 new tokens, full cache and Elastic 0.5,
+  and the full cache with ``quantize="int8"`` (weight-only int8 language model);
 * ``app first token``: the app launched in-process, one ``/chat`` request through
   ``gradio_client``, from submit to the first streamed text (full cache and Elastic 0.5);
-* ``app tokens/s`` vs ``library tokens/s`` for the same answer.
+* ``app tokens/s`` vs ``library tokens/s`` for the same answer;
+* ``SmolLM2 alone`` (default model only): the language model by itself, as stock
+  transformers runs it (``AutoModelForCausalLM``, ``DynamicCache``, a short text chat
+  prompt), forced to the same number of new tokens: the speed this CPU allows the LM before
+  any image, cache policy or app is added.
 
 Targets (issue 12, for SmolLM2 with eyes): an 80-token description in at most 3 s, the
 app's first streamed token within 1 s of sending.
@@ -49,6 +54,21 @@ def library(model, processor, image, method: str, budget: float, new: int):
                                 max_new_tokens=new)
     finally:
         model.generation_config.eos_token_id = eos
+
+
+def bare_lm(new: int, repeats: int) -> tuple[float, int]:
+    """Median seconds for SmolLM2-135M-Instruct alone to write ``new`` tokens, and its prompt length."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from elastic.embedded import language_model_dir
+
+    path = language_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    secs, _ = timed(lambda: lm.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False), repeats)
+    return secs, inputs["input_ids"].shape[1]
 
 
 def app_first_token(url: str, image_path: str, method: str, repeats: int) -> tuple[float, float]:
@@ -99,6 +119,14 @@ def main(argv=None) -> None:
         if prefill is not None:
             rows.append(("prefill", f"{method} {budget:g}", f"{prefill:.3f} s ({gen.trace.prompt_length} tokens)"))
         rows.append((f"{args.new} tokens", f"{method} {budget:g}", f"{secs:.2f} s ({args.new / secs:.1f} tok/s)"))
+    int8, _ = elastic.load_model(args.model, device="cpu", quantize="int8")
+    secs, _ = timed(lambda: library(int8, processor, image, "full", 1.0, args.new), args.repeats)
+    rows.append((f"{args.new} tokens, int8 weights", "full 1", f"{secs:.2f} s ({args.new / secs:.1f} tok/s)"))
+    del int8
+    if args.model == "scene-smollm2":
+        secs, prompt = bare_lm(args.new, args.repeats)
+        rows.append((f"{args.new} tokens, SmolLM2 alone (text, {prompt} prompt tokens)", "stock DynamicCache",
+                     f"{secs:.2f} s ({args.new / secs:.1f} tok/s)"))
     if not args.no_app:
         import tempfile
 

@@ -19,6 +19,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
+from .quantize import QUANTIZE_CHOICES, quantize_int8
 from .scoring import attach
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava"  # the 4-layer tiny LLaVA
@@ -43,7 +44,8 @@ def default_device() -> str:
 
 
 def load_model(name_or_path: str | Path | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-               device_map: str | dict | None = None, offload_folder: str | Path | None = None):
+               device_map: str | dict | None = None, offload_folder: str | Path | None = None,
+               quantize: str | None = None):
     """Load ``(model, processor)`` ready for :func:`elastic.generate` (already attached).
 
     Parameters
@@ -63,11 +65,18 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
         ``device="cuda"``, none otherwise (the whole model on ``device``).
     offload_folder : str or Path, optional
         Where modules mapped to ``"disk"`` are kept (default: a temporary folder).
+    quantize : {None, "int8"}, optional
+        ``"int8"``: weight-only int8 for the language model's linear layers and the LM
+        head, for faster decoding on a CPU (``elastic.quantize``). Default: none.
     """
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} or None, got {quantize!r}")
     name = str(name_or_path or DEFAULT_MODEL)
     if name in LOCAL_MODELS:
         name = str(LOCAL_MODELS[name] or _embedded_dir())
     device = device or default_device()
+    if quantize and not device.startswith("cpu"):
+        raise ValueError(f"quantize={quantize!r} is for decoding on a CPU, not on {device!r}")
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=False)
@@ -92,6 +101,8 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
     except Exception as error:  # one clear message, whatever went wrong underneath
         hint = "" if Path(name).exists() else " (a hub id needs network access, or a local copy)"
         raise ModelLoadError(f"could not load model {name!r}{hint}: {type(error).__name__}: {error}") from error
+    if quantize == "int8":
+        quantize_int8(model)
     return attach(model), processor
 
 

@@ -557,6 +557,21 @@ def test_a_model_that_fails_to_load_gives_one_clear_message(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_quantize_reaches_load_model_and_a_bad_device_is_one_line(monkeypatch):
+    calls = []
+    monkeypatch.setattr(elastic, "load_model", lambda name, **kw: calls.append((name, kw)) or ("m", "p"))
+    slot = app.ModelSlot("tiny-llava", quantize="int8")
+    slot.load()
+    slot.load(device="cpu")  # a later load keeps the setting
+    assert calls == [("tiny-llava", {"device": None, "quantize": "int8"}),
+                     ("tiny-llava", {"device": "cpu", "quantize": "int8"})]
+    assert app.parse_args(["--quantize", "int8"]).quantize == "int8"
+    out = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", "tiny-llava", "--device", "cuda:0",
+                          "--quantize", "int8"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "error: quantize='int8' is for decoding on a CPU, not on 'cuda:0'"
+
+
 def test_compare_from_chat_carries_the_settings_and_context():
     history = [
         {"role": "user", "content": [{"type": "file", "file": {"path": "/a.png"}}, {"type": "text", "text": "q1"}]},

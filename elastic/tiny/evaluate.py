@@ -134,19 +134,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=float, default=0.5, help="KV budget (ignored for full)")
     ap.add_argument("--qa-per-scene", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantize", default=None, choices=("int8",), help="weight-only int8 language model")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     from ..models import DEFAULT_MODEL, load_model
 
-    model, processor = load_model(args.model, device="cpu")
+    model, processor = load_model(args.model, device="cpu", quantize=args.quantize)
     args.model = args.model or DEFAULT_MODEL
     budget = 1.0 if args.method == "full" else args.budget
     start = VAL_OFFSET + args.seed
     t0 = time.time()
     r = evaluate(model, processor, range(start, start + args.n), args.method, budget, args.qa_per_scene)
-    print(f"model={args.model} method={args.method} budget={budget} scenes={args.n} "
+    print(f"model={args.model}{' (int8)' if args.quantize else ''} method={args.method} budget={budget} scenes={args.n} "
           f"seeds={start}..{start + args.n - 1} time={time.time() - t0:.0f}s")
     print(" ".join(f"{k}={r[k]:.3f}" for k in ("colour", "shape", "size", "position", "count", "background",
                                                "precision", "exact")))
