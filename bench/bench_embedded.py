@@ -5,7 +5,9 @@
 
 Results and the command's date are in docs/benchmarks.md ("The default model").
 
-Measured side by side in one run, each the median of ``--repeats`` runs after one warm-up:
+Measured side by side in one run, each the median of ``--repeats`` runs after one warm-up;
+the generation rows run round-robin (one of each in turn), so a slow spell of the machine
+slows all of them alike:
 
 * ``load``: ``elastic.load_model()`` once the cache directory exists;
 * ``prefill``: the prompt's forward pass (time to the first token in the library);
@@ -56,8 +58,21 @@ def library(model, processor, image, method: str, budget: float, new: int):
         model.generation_config.eos_token_id = eos
 
 
-def bare_lm(new: int, repeats: int) -> tuple[float, int]:
-    """Median seconds for SmolLM2-135M-Instruct alone to write ``new`` tokens, and its prompt length."""
+def round_robin(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Median seconds of each run (keyed as given) and its last result: one warm-up each, then ``repeats``
+    rounds that run every one in turn (a slow spell of the machine hits all of them)."""
+    results = {label: run() for label, run in runs.items()}
+    times = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            t0 = time.perf_counter()
+            results[label] = run()
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(t) for label, t in times.items()}, results
+
+
+def bare_lm(new: int):
+    """SmolLM2-135M-Instruct alone writing ``new`` tokens (a function to time), and its prompt length."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from elastic.embedded import language_model_dir
@@ -67,8 +82,8 @@ def bare_lm(new: int, repeats: int) -> tuple[float, int]:
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    secs, _ = timed(lambda: lm.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False), repeats)
-    return secs, inputs["input_ids"].shape[1]
+    return (lambda: lm.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False),
+            inputs["input_ids"].shape[1])
 
 
 def app_first_token(url: str, image_path: str, method: str, repeats: int) -> tuple[float, float]:
@@ -113,20 +128,22 @@ def main(argv=None) -> None:
     scene = make_scene(VAL_OFFSET)
     image = render(scene)
     rows = [("load (cached)", "", f"{load_s:.2f} s")]
-    for method, budget in (("full", 1.0), ("elastic", 0.5)):
-        secs, gen = timed(lambda: library(model, processor, image, method, budget, args.new), args.repeats)
-        prefill = gen.stats.get("prefill_s")
-        if prefill is not None:
-            rows.append(("prefill", f"{method} {budget:g}", f"{prefill:.3f} s ({gen.trace.prompt_length} tokens)"))
-        rows.append((f"{args.new} tokens", f"{method} {budget:g}", f"{secs:.2f} s ({args.new / secs:.1f} tok/s)"))
     int8, _ = elastic.load_model(args.model, device="cpu", quantize="int8")
-    secs, _ = timed(lambda: library(int8, processor, image, "full", 1.0, args.new), args.repeats)
-    rows.append((f"{args.new} tokens, int8 weights", "full 1", f"{secs:.2f} s ({args.new / secs:.1f} tok/s)"))
-    del int8
+    runs = {  # (what, method) -> one run; measured round-robin so drift hits them alike
+        (f"{args.new} tokens", "full 1"): lambda: library(model, processor, image, "full", 1.0, args.new),
+        (f"{args.new} tokens", "elastic 0.5"): lambda: library(model, processor, image, "elastic", 0.5, args.new),
+        (f"{args.new} tokens, int8 weights", "full 1"): lambda: library(int8, processor, image, "full", 1.0, args.new),
+    }
     if args.model == "scene-smollm2":
-        secs, prompt = bare_lm(args.new, args.repeats)
-        rows.append((f"{args.new} tokens, SmolLM2 alone (text, {prompt} prompt tokens)", "stock DynamicCache",
-                     f"{secs:.2f} s ({args.new / secs:.1f} tok/s)"))
+        alone, prompt = bare_lm(args.new)
+        runs[(f"{args.new} tokens, SmolLM2 alone (text, {prompt} prompt tokens)", "stock DynamicCache")] = alone
+    secs, results = round_robin(runs, args.repeats)
+    for (what, method), result in results.items():
+        prefill = getattr(result, "stats", {}).get("prefill_s")
+        if prefill is not None:
+            rows.append((what.replace(f"{args.new} tokens", "prefill"), method, f"{prefill:.3f} s ({result.trace.prompt_length} tokens)"))
+        rows.append((what, method, f"{secs[(what, method)]:.2f} s ({args.new / secs[(what, method)]:.1f} tok/s)"))
+    del int8
     if not args.no_app:
         import tempfile
 
