@@ -141,7 +141,8 @@ def main(argv=None) -> None:
     for (what, method), result in results.items():
         prefill = getattr(result, "stats", {}).get("prefill_s")
         if prefill is not None:
-            rows.append((what.replace(f"{args.new} tokens", "prefill"), method, f"{prefill:.3f} s ({result.trace.prompt_length} tokens)"))
+            label = what.replace(f"{args.new} tokens", "prefill")
+            rows.append((label, method, f"{prefill:.3f} s ({result.trace.prompt_length} tokens)"))
         rows.append((what, method, f"{secs[(what, method)]:.2f} s ({args.new / secs[(what, method)]:.1f} tok/s)"))
     del int8
     if not args.no_app:

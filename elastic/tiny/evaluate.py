@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     start = VAL_OFFSET + args.seed
     t0 = time.time()
     r = evaluate(model, processor, range(start, start + args.n), args.method, budget, args.qa_per_scene)
-    print(f"model={args.model}{' (int8)' if args.quantize else ''} method={args.method} budget={budget} scenes={args.n} "
+    quantized = " (int8)" if args.quantize else ""
+    print(f"model={args.model}{quantized} method={args.method} budget={budget} scenes={args.n} "
           f"seeds={start}..{start + args.n - 1} time={time.time() - t0:.0f}s")
     print(" ".join(f"{k}={r[k]:.3f}" for k in ("colour", "shape", "size", "position", "count", "background",
                                                "precision", "exact")))
