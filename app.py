@@ -40,6 +40,7 @@ from transformers import TextIteratorStreamer
 import elastic
 import viz
 from elastic.policies import elastic_cache
+from elastic.quantize import QUANTIZE_CHOICES
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLES_DIR = ROOT / "assets" / "examples"
@@ -932,7 +933,7 @@ def parse_args(argv=None):
                         help="hub id, local path, scene-smollm2 (default) or tiny-llava, e.g. "
                              "llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf, Qwen/Qwen2-VL-2B-Instruct")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--quantize", default=os.environ.get("ELASTIC_QUANTIZE") or None, choices=("int8",),
+    parser.add_argument("--quantize", default=os.environ.get("ELASTIC_QUANTIZE") or None, choices=QUANTIZE_CHOICES,
                         help="int8: weight-only int8 language model, faster decoding on a CPU (not the default)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))

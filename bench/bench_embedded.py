@@ -37,16 +37,6 @@ import elastic
 from elastic.tiny.data import DESCRIBE_PROMPT, VAL_OFFSET, make_scene, render
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
-
-
 def library(model, processor, image, method: str, budget: float, new: int):
     """One greedy answer with exactly ``new`` tokens (EOS suppressed)."""
     eos = model.generation_config.eos_token_id
@@ -124,10 +114,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     elastic.load_model(args.model, device="cpu")  # builds the cache directory if needed
-    load_s, (model, processor) = timed(lambda: elastic.load_model(args.model, device="cpu"), max(1, args.repeats // 2))
+    load_s, loaded = round_robin({"load": lambda: elastic.load_model(args.model, device="cpu")},
+                                 max(1, args.repeats // 2))
+    model, processor = loaded["load"]
     scene = make_scene(VAL_OFFSET)
     image = render(scene)
-    rows = [("load (cached)", "", f"{load_s:.2f} s")]
+    rows = [("load (cached)", "", f"{load_s['load']:.2f} s")]
     int8, _ = elastic.load_model(args.model, device="cpu", quantize="int8")
     runs = {  # (what, method) -> one run; measured round-robin so drift hits them alike
         (f"{args.new} tokens", "full 1"): lambda: library(model, processor, image, "full", 1.0, args.new),

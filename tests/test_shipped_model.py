@@ -14,7 +14,7 @@ import torch
 
 import elastic
 from elastic.tiny.data import DESCRIBE_PROMPT, VAL_OFFSET, describe, make_scene, render
-from elastic.tiny.evaluate import all_objects_right, generate
+from elastic.tiny.evaluate import all_objects_right, answer_right, generate
 
 ROOT = elastic.SHIPPED_MODEL.parent.parent
 SCENE = make_scene(VAL_OFFSET + 1)  # a validation scene: never trained on
@@ -77,10 +77,7 @@ def test_the_examples_say_which_ones_the_apps_default_gets_wrong(default):
         image = elastic.load_image(str(ROOT / "assets" / "examples" / example["image"]))
         answer = elastic.generate(model, processor, image, example["prompt"], method=DEFAULT_METHOD,
                                   budget=DEFAULT_BUDGET, max_new_tokens=DEFAULT_MAX_NEW_TOKENS).text
-        if example["prompt"] == DESCRIBE_PROMPT:
-            right = all_objects_right(make_scene(example["seed"]), answer)
-        else:
-            right = answer == example["reference"]
+        right = answer_right(make_scene(example["seed"]), example["prompt"], example["reference"], answer)
         assert right == example["default_right"], (example["image"], answer)
 
 

@@ -19,14 +19,8 @@ import torch
 
 import elastic
 from app import DEFAULT_MAX_NEW_TOKENS
-from elastic.tiny.data import DESCRIBE_PROMPT, IMAGE_SIZE, example, render
-from elastic.tiny.evaluate import all_objects_right
-
-
-def right(scene, prompt: str, reference: str, answer: str) -> bool:
-    if prompt == DESCRIBE_PROMPT:
-        return all_objects_right(scene, answer)
-    return answer.strip() == reference
+from elastic.tiny.data import IMAGE_SIZE, example, render
+from elastic.tiny.evaluate import answer_right
 
 
 def main() -> None:
@@ -51,7 +45,7 @@ def main() -> None:
         for method, budget in runs:
             answer = elastic.generate(model, processor, image, prompt, method=method, budget=budget,
                                       max_new_tokens=DEFAULT_MAX_NEW_TOKENS).text
-            marks.append("right" if right(scene, prompt, reference, answer) else "wrong")
+            marks.append("right" if answer_right(scene, prompt, reference, answer) else "wrong")
         print(f"| {i} | {scene.seed} | {prompt} | " + " | ".join(marks) + " |", flush=True)
     print(f"({time.time() - start:.0f} s)")
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .data import (CELLS, DESCRIBE_PROMPT, NUMBERS, VAL_OFFSET, chat_messages, describe,
                    eval_questions, make_scene, render)
+from ..quantize import QUANTIZE_CHOICES
 
 OBJECT_RE = re.compile(r"In the (" + "|".join(CELLS) + r") there is an? (\w+) (\w+) (\w+)\.")
 INTRO_RE = re.compile(r"The image shows (\w+) objects? on an? (\w+) background")
@@ -76,6 +77,12 @@ def all_objects_right(scene, text: str) -> bool:
     """Every object of ``scene`` named in its cell with its colour and shape."""
     score = score_description(scene, text)
     return score["all"] == score["objects"] == len(scene.objects)
+
+
+def answer_right(scene, prompt: str, reference: str, answer: str) -> bool:
+    """An example's answer is right: a description names every object rightly, an answer
+    to a question is the reference exactly."""
+    return all_objects_right(scene, answer) if prompt == DESCRIBE_PROMPT else answer == reference
 
 
 @torch.inference_mode()
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=float, default=0.5, help="KV budget (ignored for full)")
     ap.add_argument("--qa-per-scene", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quantize", default=None, choices=("int8",), help="weight-only int8 language model")
+    ap.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help="weight-only int8 language model")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
 
