@@ -5,7 +5,10 @@ entries; the compression happens right after the layer's attention
 (:meth:`PolicyLayer.after_attention`, called by the hook of :func:`elastic.attach`),
 because the prefill must first attend over the whole prompt and H2O must see the
 attention each new token pays. Entries are physically removed, so every layer has the
-same, smaller length and transformers' masks stay right.
+same, smaller length and transformers' masks stay right -- unless the policy gives each
+layer its own budget (PrefixKV, VL-Cache): then layers differ in length, and a decode
+step attends without a mask (compressed caches never hold padding, so a single query
+sees every entry it holds; see :func:`elastic.scoring.attach`).
 
 Two storage layouts make the same decisions:
 
@@ -64,6 +67,9 @@ class PolicyLayer(DynamicLayer):
         self.seen = 0  # tokens fed through this layer
         self.prompt_length: int | None = None
         self.prompt_entries: int | None = None  # entries kept after the prefill
+        self.budget: float | None = None  # this layer's own budget (per-layer policies), else the policy's
+        self.budget_stat = None  # what the policy needs from this layer to set the layers' budgets
+        self.history: list[int] = []  # entries held after each forward
         self.awaiting_attention = False
         self.pending_received: torch.Tensor | None = None  # a shared-score decode step's attention
         # Record, kept as tensors until a trace is asked for (no GPU sync per step).
@@ -76,7 +82,7 @@ class PolicyLayer(DynamicLayer):
         return self.cache.policy
 
     def capacity(self) -> int:
-        return self.policy.capacity(self.seen, self.prompt_length, self.cache.spans)
+        return self.policy.capacity(self.seen, self.prompt_length, self.cache.spans, self.budget)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, S, D]`` as ``[B * G, H / G, S, D]``, one row per selection (a view)."""
@@ -119,8 +125,6 @@ class PolicyLayer(DynamicLayer):
             self._prefill(query, key, attention_mask, scaling, num_layers)
         else:
             self._decode(query, key, scaling, num_layers)
-        if self.layer_idx == 0 and self not in self.cache.pending:
-            self.cache.lengths.append(self.get_seq_length())
 
     def _prefill(self, query, key, attention_mask, scaling, num_layers=None):
         policy, T, B = self.policy, self.seen, self.keys.shape[0]
@@ -131,11 +135,12 @@ class PolicyLayer(DynamicLayer):
             )
         self.prompt_length = T
         self.groups = self.keys.shape[1] if policy.per_head else 1
-        scores = policy.score(query, key, scaling) if policy.scores_prefill else None
+        scores, self.budget_stat = (policy.prefill_scores(query, key, scaling, self.cache.spans)
+                                    if policy.scores_prefill else (None, None))
         if scores is not None and policy.per_head:
             scores = scores.flatten(0, 1)  # [B, H_kv, T] -> one row per (sample, KV head)
         self.prefill_scores = scores
-        if policy.shared_across_layers:  # planned once every layer has its scores
+        if policy.shared_across_layers or policy.budgets_per_layer:  # planned once every layer has attended
             self._wait(num_layers)
             return
         self._compress(scores)
@@ -150,13 +155,14 @@ class PolicyLayer(DynamicLayer):
         """Apply the policy's prefill plan for ``scores`` ``[rows, T]``."""
         policy, B = self.policy, self.keys.shape[0]
         prompt = Prefill(length=self.prompt_length, rows=B * self.groups, device=self.keys.device,
-                         spans=self.cache.spans, keys=self._rows(self.keys))
+                         spans=self.cache.spans, keys=self._rows(self.keys), budget=self.budget)
         group = policy.plan_prefill(scores, prompt)
         kept = self._fold(group)
         if policy.scores_decode:
             self.accumulated = policy.initial_accumulated(scores, kept)
         self.prompt_entries = self.get_seq_length()
-        self.prefill_scores, self.prefill_group = scores, group
+        self.prefill_scores, self.prefill_group, self.budget_stat = scores, group, None
+        self.history.append(self.prompt_entries)
 
     def _decode(self, query, key, scaling, num_layers=None):
         policy = self.policy
@@ -173,6 +179,7 @@ class PolicyLayer(DynamicLayer):
             self._accumulate(received)
         while self.get_seq_length() > self.capacity():
             self._drop(self.policy.decode_victim(self))
+        self.history.append(self.get_seq_length())
 
     def _accumulate(self, received: torch.Tensor):
         """Fold this step's attention ``[rows, S]`` (slot order) into the per-entry score;
@@ -265,7 +272,7 @@ class PreallocatedLayer(PolicyLayer):
 
     def _allocate(self):
         """(Re)allocate the buffers for ``reserve`` more tokens and copy the entries in."""
-        slots = self.policy.capacity(self.seen + self.reserve, self.prompt_length, self.cache.spans) + 1
+        slots = self.policy.capacity(self.seen + self.reserve, self.prompt_length, self.cache.spans, self.budget) + 1
         live = {"keys": self.keys, "values": self.values, "positions": self.positions,
                 "accumulated": self.accumulated}
         self.buffers = {}
@@ -361,7 +368,6 @@ class PolicyCache(Cache):
         super().__init__(layer_class_to_replicate=self._new_layer)
         self.policy = policy
         self.layout, self.reserve, self.positions = layout, int(reserve), positions
-        self.lengths: list[int] = []
         self.annotations: dict = {}
         self.pending: list[PolicyLayer] = []  # prefilled layers waiting for a shared score
 
@@ -371,23 +377,48 @@ class PolicyCache(Cache):
         return self.annotations.get("spans")
 
     def finish_step(self) -> None:
-        """Finish the waiting layers' step with one score, the mean of their scores: plan
-        their prefill, or fold a decode step's attention in and evict (policies whose score
-        is shared by all layers; every layer then makes the same decision)."""
+        """Finish the waiting layers' step once every layer has attended.
+
+        A policy whose score is shared by all layers gets one score, the mean of theirs
+        (every layer then makes the same decision): the prefill is planned, or a decode
+        step's attention folded in and the cache evicted. A policy with one budget per
+        layer first sets every layer's budget from all layers' statistics.
+        """
         layers, self.pending = self.pending, []
         if not layers:
             return
+        policy = self.policy
         prefill = layers[0].prompt_entries is None
+        if prefill and policy.budgets_per_layer:
+            first = layers[0]
+            budgets = policy.layer_budgets([layer.budget_stat for layer in layers], first.prompt_length, self.spans)
+            for layer, budget in zip(layers, budgets):
+                layer.budget = budget
         scores = [layer.prefill_scores if prefill else layer.pending_received for layer in layers]
-        shared = None if scores[0] is None else torch.stack(scores).mean(dim=0)
-        for layer in layers:
+        shared = None
+        if scores[0] is not None and policy.shared_across_layers:
+            shared = torch.stack(scores).mean(dim=0)
+        for layer, own in zip(layers, scores):
             if prefill:
-                layer._compress(shared)
+                layer._compress(own if shared is None else shared)
             else:
                 layer.pending_received = None
-                layer._evict(shared)
-        if layers[0].layer_idx == 0:
-            self.lengths.append(layers[0].get_seq_length())
+                layer._evict(own if shared is None else shared)
+
+    @property
+    def lengths(self) -> list:
+        """Entries per layer after each forward, the mean over layers (an int when every
+        layer holds the same number, as with one budget for all layers)."""
+        return [int(n) if float(n).is_integer() else float(n) for n in self.layer_lengths.mean(axis=1)]
+
+    @property
+    def layer_lengths(self) -> np.ndarray:
+        """``[forwards, layers]`` entries each layer held after each forward."""
+        layers = [layer for layer in self.layers if layer.history]
+        if not layers:
+            return np.zeros((0, 0), dtype=np.int64)
+        n = min(len(layer.history) for layer in layers)
+        return np.array([layer.history[:n] for layer in layers], dtype=np.int64).T.reshape(n, len(layers))
 
     def _new_layer(self) -> PolicyLayer:
         if self.layout == "dynamic":
@@ -454,7 +485,9 @@ class PolicyCache(Cache):
             raise RuntimeError("the cache has not seen a prompt yet: run generate() with it first")
         first, policy = layers[0], self.policy
         T, batch, G = first.prompt_length, first.keys.shape[0], first.groups
-        per_entry = self.kv_bytes() // max(1, first.get_seq_length() * batch)
+        # K and V of one entry in every layer (layers may differ in length, not in width).
+        per_entry = sum(_nbytes(layer.keys[:1, :, :1]) + _nbytes(layer.values[:1, :, :1]) for layer in layers)
+        layer_lengths = self.layer_lengths
 
         def numpy(t):
             return None if t is None else t.detach().float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
@@ -475,8 +508,10 @@ class PolicyCache(Cache):
                     scores=None if s is None else s[row],
                     kept=np.flatnonzero(g[row] == np.arange(T)),
                     group=g[row].astype(np.int64),
+                    budget=policy.budget if layer.budget is None else layer.budget,
+                    budget_entries=keep_count(policy.budget if layer.budget is None else layer.budget, T, 0),
                 )
-                for s, g in zip(scores, groups)
+                for s, g, layer in zip(scores, groups, layers)
             ]
             return Trace(
                 method=policy.name,
@@ -487,7 +522,8 @@ class PolicyCache(Cache):
                 protected=np.array(policy.protected(T, self.spans), dtype=np.int64),
                 layers=layer_traces,
                 evictions=evictions[np.lexsort((evictions[:, 2], evictions[:, 1], evictions[:, 0]))],
-                lengths=list(self.lengths),
+                lengths=self.lengths,
+                layer_lengths=layer_lengths,
                 tokens_seen=first.seen,
                 fixed_point=policy.fixed_point(first.prompt_entries, first.prompt_length)
                 if hasattr(policy, "fixed_point") and decode_rule == "fixed-point" else None,

@@ -69,8 +69,44 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | 
     return received / groups if per_head else received.sum(dim=1) / H
 
 
+def attention_sparsity(query: torch.Tensor, key: torch.Tensor, scaling: float | None = None,
+                       threshold: float = 0.01, chunk: int = 128) -> torch.Tensor:
+    """Share of attention weights below ``threshold`` times their row's maximum (VL-Cache).
+
+    Each of the ``q`` query rows (aligned with the last ``q`` keys, causal as in
+    :func:`attention_received`) counts only the keys it sees; the shares are averaged over
+    rows and query heads. Returns ``[B]`` float32.
+    """
+    B, H, q, D = query.shape
+    S, H_kv = key.shape[-2], key.shape[1]
+    scaling = D ** -0.5 if scaling is None else scaling
+    groups = H // H_kv
+    key = key.float()
+    query = query.float().view(B, H_kv, groups, q, D)
+    offset = S - q
+    cols = torch.arange(S, device=query.device)
+    share = torch.zeros(B, dtype=torch.float32, device=query.device)
+    for start in range(0, q, chunk):
+        stop = min(q, start + chunk)
+        end = offset + stop
+        logits = torch.einsum("bgnqd,bgsd->bgnqs", query[:, :, :, start:stop], key[:, :, :end]) * scaling
+        rows = torch.arange(offset + start, end, device=query.device)
+        future = cols[None, :end] > rows[:, None]
+        probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+        small = (probs < threshold * probs.amax(dim=-1, keepdim=True)) & ~future
+        seen = (rows + 1).float()  # keys each row sees
+        share += (small.sum(dim=-1) / seen).sum(dim=(1, 2, 3))
+    return share / (H * q)
+
+
 def _wrap(base_fn):
     def elastic_attention(module, query, key, value, attention_mask, **kwargs):
+        if (isinstance(attention_mask, torch.Tensor) and query.shape[-2] == 1
+                and attention_mask.shape[-1] != key.shape[-2]):
+            # One mask is built for all layers, from layer 0's length; with one budget per
+            # layer, this layer holds another number of entries. A compressed cache never
+            # holds padding, so a single decode query may see every entry: no mask.
+            attention_mask = None
         out = base_fn(module, query, key, value, attention_mask, **kwargs)
         layer = getattr(_waiting, "layer", None)
         if layer is not None and layer.layer_idx == getattr(module, "layer_idx", None):

@@ -30,11 +30,18 @@ class LayerTrace:
     group : np.ndarray
         ``[T]`` for each prompt position, the original position of the entry that now holds
         it: itself if kept, its anchor if merged, -1 if evicted.
+    budget : float or None
+        The budget this layer held: the policy's, or the layer's own for a policy with one
+        budget per layer (PrefixKV, VL-Cache).
+    budget_entries : int or None
+        ``ceil(budget * T)`` for this layer's budget: the entries it may keep after the prefill.
     """
 
     scores: np.ndarray | None
     kept: np.ndarray
     group: np.ndarray
+    budget: float | None = None
+    budget_entries: int | None = None
 
     @property
     def merged(self) -> np.ndarray:
@@ -70,7 +77,8 @@ class Trace:
         ``[E, 3]`` int rows ``(step, layer, position)`` of decode-time removals.
     lengths : list[int]
         Cache length (entries per layer) after each forward: ``lengths[0]`` after the
-        prefill, ``lengths[s]`` after decode step ``s``.
+        prefill, ``lengths[s]`` after decode step ``s``. With one budget per layer the
+        layers differ in length: then the mean over layers (a float).
     tokens_seen : int
         Tokens fed through the model so far (prompt plus decoded inputs).
     fixed_point : int or None
@@ -80,6 +88,8 @@ class Trace:
     budget_entries : int or None
         ``ceil(budget * T)``, the entries the budget alone allows after the prefill; a layer
         keeps more when the policy's minimum (protected tokens plus one) is larger.
+    layer_lengths : np.ndarray or None
+        ``[forwards, layers]`` entries each layer held after each forward.
     spans : dict
         Token-type spans ``name -> (start, end)`` (end exclusive) over prompt positions,
         e.g. ``system``, ``image``, ``instruction``; filled by :func:`elastic.generate`.
@@ -111,6 +121,7 @@ class Trace:
     fixed_point: int | None
     bytes_per_entry: int
     budget_entries: int | None = None
+    layer_lengths: np.ndarray | None = None
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     image_grid: tuple[int, int] | None = None
     tokens: list[str] | None = None
@@ -150,8 +161,24 @@ class Trace:
         return self.prompt_length + np.arange(len(self.lengths))
 
     def kv_bytes(self) -> np.ndarray:
-        """Bytes of K/V held after each recorded forward."""
-        return np.asarray(self.lengths) * self.bytes_per_entry
+        """Bytes of K/V held after each recorded forward (all layers)."""
+        return np.rint(np.asarray(self.lengths, dtype=np.float64) * self.bytes_per_entry).astype(np.int64)
+
+    def lengths_of(self, layer: int) -> np.ndarray:
+        """Entries ``layer`` held after each recorded forward."""
+        if self.layer_lengths is None or not len(self.layer_lengths):
+            return np.asarray(self.lengths)
+        return self.layer_lengths[:, layer]
+
+    @property
+    def budgets_per_layer(self) -> bool:
+        """True if the layers held different budgets."""
+        return len({layer.budget for layer in self.layers}) > 1
+
+    def layer_budget_entries(self) -> np.ndarray:
+        """``[layers]`` entries each layer's budget allowed after the prefill."""
+        return np.array([self.budget_entries if layer.budget_entries is None else layer.budget_entries
+                         for layer in self.layers])
 
     def scores_matrix(self) -> np.ndarray | None:
         """``[layers, T]`` importance scores, or None if the method does not score."""

@@ -164,6 +164,15 @@ def prefill_groups(method, scores, T, budget, start_size, recent_ratio=0.5, feat
         return [t if (t in protected or t in anchors) else -1 for t in range(T)]
     if o.get("prefill", "merge") == "kmeans":
         return kmeans_groups(features, anchors, protected, T)
+    if o.get("prefill", "merge") == "similar":  # the anchor of the most cosine-similar key
+        group = []
+        for t in range(T):
+            if t in protected or t in anchors:
+                group.append(t)
+                continue
+            sims = [cosine(features[t], features[a]) for a in anchors]
+            group.append(anchors[sims.index(max(sims))])
+        return group
     group = []
     for t in range(T):
         if t in protected or t in anchors:
@@ -294,6 +303,263 @@ def run(model, input_ids, method, budget, max_new_tokens, start_size=1, distance
             store(l)
         record["lengths"].append(len(layers[0][0]["pos"]))
         tokens.append(int(out.logits[0, -1].argmax()))
+    record["keys"] = [layer.keys for layer in cache.layers]
+    record["values"] = [layer.values for layer in cache.layers]
+    return tokens, record
+
+
+# ---------------------------------------------------------------- per-layer budgets, LOOK-M
+#
+# PrefixKV, VL-Cache and LOOK-M, batch >= 1, by loops. The layers' budgets: PrefixKV's
+# shared threshold by a greedy loop (the next entry of the layer whose mass reached so far
+# is the smallest), VL-Cache's clamp-and-renormalise by the classic iteration.
+
+def exact_layer_keep(kept: int, prompt_length: int, tokens: int, minimum: int) -> int:
+    """A layer that kept ``kept`` of ``prompt_length`` holds ratio kept / T: its capacity."""
+    return min(tokens, max(minimum, math.ceil(Fraction(kept, prompt_length) * tokens)))
+
+
+def exact_total(budget: float, layers: int, T: int, minimum: int) -> int:
+    return min(layers * T, max(layers * minimum, math.ceil(Fraction(str(budget)) * layers * T)))
+
+
+def greedy_mass_counts(masses, total, minimum, forced):
+    """Add entries one at a time to the layer whose next entry has the least mass before it."""
+    order = [sorted(m, reverse=True) for m in masses]
+    sums = [sum(o) or 1.0 for o in order]
+    counts = [forced + min(max(0, minimum - forced), len(o)) for o in order]
+    taken = [c - forced for c in counts]
+    while sum(counts) < total:
+        best = None
+        for l, o in enumerate(order):
+            if taken[l] < len(o):
+                before = sum(o[: taken[l]]) / sums[l]
+                if best is None or before < best[0] - 1e-12:
+                    best = (before, l)
+        counts[best[1]] += 1
+        taken[best[1]] += 1
+    return counts
+
+
+def renormalised_counts(total, weights, lo, hi):
+    """Clamp shares to [lo, hi], hand the excess or shortfall to the unclamped layers, repeat;
+    then largest remainder (ties to the earlier layer)."""
+    n = len(weights)
+    fixed = {}
+    while True:
+        free = [l for l in range(n) if l not in fixed]
+        left = total - sum(fixed.values())
+        wsum = sum(weights[l] for l in free)
+        shares = {l: left * weights[l] / wsum if wsum > 0 else left / len(free) for l in free}
+        changed = False
+        for l, x in shares.items():
+            if x < lo or x > hi:
+                fixed[l] = lo if x < lo else hi
+                changed = True
+        if not changed:
+            break
+    exact = [fixed.get(l, shares.get(l)) for l in range(n)]
+    counts = [math.floor(x + 1e-9) for x in exact]
+    for l in sorted(range(n), key=lambda l: (-(exact[l] - counts[l]), l))[: total - sum(counts)]:
+        counts[l] += 1
+    return counts
+
+
+def sparsity(attn, rows, threshold=0.01):
+    """attn [1, H, q, S]: share of each row's visible weights below threshold x its max, mean."""
+    H = attn.shape[1]
+    shares = []
+    for h in range(H):
+        for i in rows:
+            visible = [float(attn[0, h, i, j]) for j in range(i + 1)]
+            top = max(visible)
+            shares.append(sum(1 for v in visible if v < threshold * top) / len(visible))
+    return sum(shares) / len(shares)
+
+
+def cosine(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm().clamp(min=1e-12) * b.norm().clamp(min=1e-12)))
+
+
+def _naive_eager(module, query, key, value, attention_mask, **kwargs):
+    """Eager attention that drops the one-query mask when this layer holds another length
+    (its mask was built for layer 0; the cache holds no padding)."""
+    import sys
+    if attention_mask is not None and query.shape[-2] == 1 and attention_mask.shape[-1] != key.shape[-2]:
+        attention_mask = None
+    return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value,
+                                                                       attention_mask, **kwargs)
+
+
+def _eager_any_length(model):
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionInterface.register("naive_eager", _naive_eager)
+    AttentionMaskInterface.register("naive_eager", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("naive_eager")
+    return eager
+
+
+LAYERED_START = {"prefixkv": 4, "vlcache": 1, "lookm": 1}
+
+
+def run_layered(model, input_ids, method, budget, max_new_tokens, start_size=None, distance=-25,
+                spans=None, prefill_inputs=None, **o):
+    """Greedy generation (batch B) with PrefixKV, VL-Cache or LOOK-M, by hand.
+
+    Returns ``(tokens [B][n], record)``; the record holds per sample, per layer (per KV
+    head for LOOK-M) the scores, groups and kept positions, ``counts`` (entries each layer
+    kept after the prefill), ``lengths`` (``[forwards][layers]``), the evictions
+    ``(step, layer, row, position)`` and the final K/V.
+    """
+    spans = spans or {}
+    eager = _eager_any_length(model)
+    config = getattr(model.config, "text_config", model.config)
+    H_kv = config.num_key_value_heads
+    B, T = input_ids.shape
+    start = LAYERED_START[method] if start_size is None else start_size
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = eager(input_ids=input_ids, cache=cache, output_attentions=True, use_cache=True,
+                    **(prefill_inputs or {}))
+    L = len(out.attentions)
+    KV_HEADS[0] = H_kv
+    protected = (sorted(set(range(min(start, T))) | ({T - 1} if T - 1 >= min(start, T) else set()))
+                 if method == "prefixkv" else [])
+    minimum = len(protected) + 1
+    G = H_kv if (method == "lookm" and o.get("heads", "each") == "each") else 1
+    image = spans.get("image")
+    # -- scores: scores[b][l][g]
+    if method == "vlcache":
+        first = image[1] if image and image[1] < T else max(0, T - o.get("window", 32))
+        voters = list(range(first, T))
+    else:
+        voters = list(range(T))
+    scores = [[[head_columns(out.attentions[l][b:b + 1], voters, g if G > 1 else None) for g in range(G)]
+               for l in range(L)] for b in range(B)]
+    # -- the layers' budgets
+    total = exact_total(budget, L, T, minimum)
+    if method == "prefixkv":
+        free = [t for t in range(T) if t not in protected]
+        masses = [[sum(scores[b][l][0][t] for b in range(B)) / B for t in free] for l in range(L)]
+        counts = greedy_mass_counts(masses, total, minimum, len(protected))
+    elif method == "vlcache":
+        dens = [1 - sum(sparsity(out.attentions[l][b:b + 1], voters, o.get("threshold", 0.01))
+                        for b in range(B)) / B for l in range(L)]
+        lo = min(T, max(minimum, math.ceil(o.get("min_ratio", 0.01) * T)))
+        counts = renormalised_counts(total, dens, lo, T)
+    else:
+        counts = [exact_keep(budget, T, minimum)] * L
+    record = {"counts": counts, "scores": [], "group": [], "kept": [], "evictions": [], "lengths": []}
+
+    def recent_of(capacity, ratio):
+        return min(capacity - 1, int(capacity * ratio))
+
+    rows = {}  # (b, l, g) -> {"pos", "acc", "k", "v"}
+    for b in range(B):
+        rec_s, rec_g, rec_k = [], [], []
+        for l in range(L):
+            keys, values = cache.layers[l].keys[b], cache.layers[l].values[b]  # [H_kv, T, D]
+            h = H_kv // G
+            per_s, per_g, per_k = [], [], []
+            for g in range(G):
+                k_row, v_row = keys[g * h:(g + 1) * h], values[g * h:(g + 1) * h]
+                s, n_keep = scores[b][l][g], counts[l]
+                if n_keep >= T:
+                    group = list(range(T))
+                elif method == "prefixkv":
+                    best = sorted((t for t in range(T) if t not in protected), key=lambda t: -s[t])
+                    keep = set(protected) | set(best[: n_keep - len(protected)])
+                    group = [t if t in keep else -1 for t in range(T)]
+                elif method == "vlcache":
+                    recent = recent_of(n_keep, o.get("recent_ratio", 0.1))
+                    best = sorted(range(T - recent), key=lambda t: -s[t])[: n_keep - recent]
+                    group = [t if (t >= T - recent or t in best) else -1 for t in range(T)]
+                else:  # lookm
+                    recent = recent_of(n_keep, o.get("recent_ratio", 0.5))
+                    prior = image is not None and o.get("text_prior", True)
+                    is_image = (lambda t: prior and image[0] <= t < image[1])
+                    best = sorted(range(T - recent), key=lambda t: (is_image(t), -s[t], t))[: n_keep - recent]
+                    kept = sorted(set(best) | set(range(T - recent, T)))
+                    group = []
+                    for t in range(T):
+                        if t in kept:
+                            group.append(t)
+                        elif o.get("merge", "pivot") == "evict":
+                            group.append(-1)
+                        else:
+                            sims = [cosine(k_row[:, t], k_row[:, a]) for a in kept]
+                            group.append(kept[sims.index(max(sims))])  # index(): the first maximum
+                kept = [t for t in range(T) if group[t] == t]
+                rows[b, l, g] = {
+                    "pos": list(kept),
+                    "acc": [s[t] for t in kept],
+                    "k": [k_row[:, [u for u in range(T) if group[u] == t]].mean(dim=1) for t in kept],
+                    "v": [v_row[:, [u for u in range(T) if group[u] == t]].mean(dim=1) for t in kept],
+                    "entries": len(kept),
+                }
+                per_s.append(s), per_g.append(group), per_k.append(kept)
+            pick = (lambda x: x) if G > 1 else (lambda x: x[0])
+            rec_s.append(pick(per_s)), rec_g.append(pick(per_g)), rec_k.append(pick(per_k))
+        record["scores"].append(rec_s), record["group"].append(rec_g), record["kept"].append(rec_k)
+
+    def store(l):
+        h = H_kv // G
+        cache.layers[l].keys = torch.stack([torch.cat([torch.stack(rows[b, l, g]["k"], dim=1) for g in range(G)])
+                                            for b in range(B)])
+        cache.layers[l].values = torch.stack([torch.cat([torch.stack(rows[b, l, g]["v"], dim=1) for g in range(G)])
+                                              for b in range(B)])
+        assert cache.layers[l].keys.shape[1] == G * h
+
+    for l in range(L):
+        store(l)
+    record["lengths"].append([len(rows[0, l, 0]["pos"]) for l in range(L)])
+    tokens = [[int(out.logits[b, -1].argmax())] for b in range(B)]
+    for step in range(1, max_new_tokens):
+        position = T + step - 1
+        with torch.no_grad():
+            out = eager(input_ids=torch.tensor([[t[-1]] for t in tokens]),
+                        position_ids=torch.full((B, 1), position), cache=cache, output_attentions=True,
+                        use_cache=True)
+        for l in range(L):
+            if method == "lookm":
+                capacity = exact_keep(budget, T + step, minimum)
+            else:
+                capacity = exact_layer_keep(counts[l], T, T + step, minimum)
+            new_k, new_v = cache.layers[l].keys[:, :, -1], cache.layers[l].values[:, :, -1]  # [B, H_kv, D]
+            for b in range(B):
+                for g in range(G):
+                    h = H_kv // G
+                    row = rows[b, l, g]
+                    pos, acc = row["pos"], row["acc"]
+                    pos.append(position)
+                    row["k"].append(new_k[b, g * h:(g + 1) * h])
+                    row["v"].append(new_v[b, g * h:(g + 1) * h])
+                    received = head_columns(out.attentions[l][b:b + 1], [0], g if G > 1 else None)
+                    if method == "vlcache":
+                        acc[:] = received
+                    else:
+                        acc.append(0.0)
+                        for j in range(len(acc)):
+                            acc[j] += received[j]
+                    while len(pos) > capacity:
+                        if method == "prefixkv":
+                            victim = min(max(min(start, T), row["entries"] + distance), len(pos) - 1)
+                        elif method == "vlcache":
+                            victim = min(range(len(pos)), key=lambda i: (acc[i], pos[i]))
+                        else:
+                            recent = recent_of(capacity, o.get("recent_ratio", 0.5))
+                            older = acc[: len(pos) - recent]
+                            victim = older.index(min(older))
+                        record["evictions"].append((step, b, l, g, pos[victim]))
+                        for name in ("pos", "acc", "k", "v"):
+                            del row[name][victim]
+            store(l)
+        record["lengths"].append([len(rows[0, l, 0]["pos"]) for l in range(L)])
+        for b in range(B):
+            tokens[b].append(int(out.logits[b, -1].argmax()))
     record["keys"] = [layer.keys for layer in cache.layers]
     record["values"] = [layer.values for layer in cache.layers]
     return tokens, record

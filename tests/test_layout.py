@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import elastic
-from naive import exact_keep
+from naive import exact_keep, exact_layer_keep, exact_total
 from test_cache import llama, prompt  # noqa: F401 (llama is a fixture)
 from tiny import tiny_llava
 
 BUDGETS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 CASES = [("full", 1.0)] + [(m, b) for m in elastic.METHODS if m != "full" for b in BUDGETS]
-MINIMUM = {"elastic": 3, "local": 2, "h2o": 1, "snapkv": 1, "tova": 1, "h2o-ref": 2, "full": 1}  # protected + 1
+MINIMUM = {"elastic": 3, "local": 2, "h2o": 1, "snapkv": 1, "tova": 1, "h2o-ref": 2, "full": 1,
+           "prefixkv": 3, "vlcache": 1, "lookm": 1}  # protected + 1 (start_size=1)
 
 
 def prompts(T=40, batch=2, seed=0):
@@ -56,6 +57,12 @@ def test_layouts_generate_the_same_tokens_and_traces(llama, method, budget, seed
     assert_same_traces(dynamic, prealloc)
     rate = 1.0 if method == "full" else budget
     expected = [exact_keep(rate, T + s, MINIMUM[method]) for s in range(n)]
+    if dynamic.policy.budgets_per_layer:  # every layer holds its own ratio k_l / T
+        kept = dynamic.layer_lengths[0].tolist()
+        assert sum(kept) == exact_total(budget, len(kept), T, MINIMUM[method])
+        np.testing.assert_array_equal(dynamic.layer_lengths, prealloc.layer_lengths)
+        expected = [np.mean([exact_layer_keep(k, T, T + s, MINIMUM[method]) for k in kept]) for s in range(n)]
+        expected = [int(e) if float(e).is_integer() else float(e) for e in expected]
     if method == "h2o-ref" and T - expected[0] > 1:  # its rank-position selection keeps one entry less
         expected[0] -= 1
         expected = [min(e, expected[0] + s) for s, e in enumerate(expected)]

@@ -22,6 +22,7 @@ CASES = [
     ("elastic", dict(scope="head")),
     ("elastic", dict(prefill="evict")),
     ("elastic", dict(prefill="kmeans")),
+    ("elastic", dict(prefill="similar")),
     ("elastic", dict(decode="recent")),
     ("elastic", dict(decode="lowest-frequency")),
     ("elastic", dict(protect="last", protect_last=6)),

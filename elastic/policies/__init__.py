@@ -14,11 +14,15 @@ from .elastic_cache import ElasticPolicy
 from .h2o import H2OPolicy
 from .h2o_reference import ReferenceH2OPolicy
 from .local import LocalPolicy
+from .lookm import LOOKMPolicy
+from .prefixkv import PrefixKVPolicy
 from .snapkv import SnapKVPolicy
 from .tova import TOVAPolicy
+from .vlcache import VLCachePolicy
 
 POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (Policy, ElasticPolicy, H2OPolicy, LocalPolicy, SnapKVPolicy, TOVAPolicy, ReferenceH2OPolicy)
+    p.name: p for p in (Policy, ElasticPolicy, H2OPolicy, LocalPolicy, SnapKVPolicy, TOVAPolicy, PrefixKVPolicy,
+                        VLCachePolicy, LOOKMPolicy, ReferenceH2OPolicy)
 }
 METHODS: tuple[str, ...] = tuple(POLICIES)
 
@@ -42,4 +46,5 @@ def make_policy(method: str, **params) -> Policy:
 
 
 __all__ = ["POLICIES", "METHODS", "make_policy", "Policy", "Prefill", "ElasticPolicy", "H2OPolicy",
-           "LocalPolicy", "SnapKVPolicy", "TOVAPolicy", "ReferenceH2OPolicy"]
+           "LocalPolicy", "SnapKVPolicy", "TOVAPolicy", "PrefixKVPolicy", "VLCachePolicy", "LOOKMPolicy",
+           "ReferenceH2OPolicy"]

@@ -46,6 +46,9 @@ class Prefill:
     keys : torch.Tensor or None
         ``[rows, heads, T, D]`` the prompt's stored keys (after RoPE), for policies that
         cluster them.
+    budget : float or None
+        This layer's own budget, for a policy with one budget per layer (None: the
+        policy's budget).
     """
 
     length: int
@@ -53,6 +56,7 @@ class Prefill:
     device: torch.device
     spans: dict | None = None
     keys: torch.Tensor | None = None
+    budget: float | None = None
 
     def positions(self) -> torch.Tensor:
         return torch.arange(self.length, device=self.device).expand(self.rows, -1)
@@ -117,6 +121,12 @@ class Policy:
         """One score for all layers: the prefill is planned once every layer has attended."""
         return False
 
+    @property
+    def budgets_per_layer(self) -> bool:
+        """Gives every layer its own budget from the whole prompt (:meth:`layer_budgets`): the
+        prefill is planned once every layer has attended."""
+        return False
+
     def options(self) -> dict:
         """The policy's parameters (what the trace records as the variant that ran)."""
         return dataclasses.asdict(self)
@@ -142,18 +152,32 @@ class Policy:
         """Fewest entries the policy can work with (protected entries plus one more)."""
         return len(self.protected(prompt_length, spans)) + 1
 
-    def capacity(self, tokens_seen: int, prompt_length: int, spans: dict | None = None) -> int:
-        """Entries a layer may hold after ``tokens_seen`` tokens."""
-        return keep_count(self.budget, tokens_seen, self.min_entries(prompt_length, spans))
+    def capacity(self, tokens_seen: int, prompt_length: int, spans: dict | None = None,
+                 budget: float | None = None) -> int:
+        """Entries a layer (whose own budget is ``budget``, default the policy's) may hold
+        after ``tokens_seen`` tokens."""
+        return keep_count(self.budget if budget is None else budget, tokens_seen,
+                          self.min_entries(prompt_length, spans))
 
     def prompt_keep(self, prompt: Prefill) -> int:
         """Entries kept right after the prefill: ``ceil(budget * T)``, never below the minimum."""
-        return keep_count(self.budget, prompt.length, self.min_entries(prompt.length, prompt.spans))
+        budget = self.budget if prompt.budget is None else prompt.budget
+        return keep_count(budget, prompt.length, self.min_entries(prompt.length, prompt.spans))
+
+    def layer_budgets(self, stats: list, prompt_length: int, spans: dict | None = None) -> list[float]:
+        """One budget per layer from every layer's prefill statistic (``stats[l]``, what
+        :meth:`prefill_scores` returned as its second value), for :attr:`budgets_per_layer`."""
+        raise NotImplementedError(f"{self.name} has one budget for all layers")
 
     # -- decisions --------------------------------------------------------------------
     def score(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> torch.Tensor | None:
         """Prompt importance ``[B, T]`` (``[B, H_kv, T]`` per head) from the prefill's attention."""
         return None
+
+    def prefill_scores(self, query, key, scaling, spans: dict | None = None):
+        """``(scores, statistic)`` of one layer's prefill: :meth:`score`, and what
+        :meth:`layer_budgets` needs from this layer (None for a policy with one budget)."""
+        return self.score(query, key, scaling), None
 
     def plan_prefill(self, scores: torch.Tensor | None, prompt: Prefill) -> torch.Tensor:
         """Return ``group`` ``[rows, T]``: the original position each prompt position ends in.
@@ -215,3 +239,19 @@ def lowest_score_slot(layer, score: torch.Tensor, candidates: torch.Tensor) -> t
     positions = layer.positions
     tied = score == score.min(dim=-1, keepdim=True).values
     return torch.where(tied, positions, torch.iinfo(positions.dtype).max).argmin(dim=-1)
+
+
+def nearest_by_cosine(targets: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``[rows, T]`` for every position, the target position whose key is the most
+    cosine-similar to its own (over all heads of the row; a tie goes to the earlier target).
+
+    ``targets`` ``[rows, k]`` ascending positions; ``keys`` ``[rows, heads, T, D]``. A
+    target is its own nearest. LOOK-M's pivot merge, and Elastic's ``prefill="similar"``.
+    """
+    R, H, T, D = keys.shape
+    x = torch.nn.functional.normalize(keys.permute(0, 2, 1, 3).reshape(R, T, H * D).float(), dim=-1)
+    centres = x.gather(1, targets[:, :, None].expand(-1, -1, H * D))
+    similarity = x @ centres.transpose(1, 2)  # [R, T, k]
+    best = targets.gather(1, similarity.argmax(dim=-1))  # argmax: the first maximum, the earlier target
+    is_target = torch.zeros(R, T, dtype=torch.bool, device=keys.device).scatter_(1, targets, True)
+    return torch.where(is_target, torch.arange(T, device=keys.device).expand(R, -1), best)

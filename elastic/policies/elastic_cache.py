@@ -8,11 +8,11 @@ from typing import ClassVar
 import torch
 
 from .. import scoring
-from .base import Policy, Prefill, choice, keep_mask, lowest_score_slot, top_k, whole
+from .base import Policy, Prefill, choice, keep_mask, lowest_score_slot, nearest_by_cosine, top_k, whole
 
 IMPORTANCE = ("sum", "mean", "moving-average", "debiased", "uniform")
 SCOPES = ("layer", "shared", "head")
-PREFILLS = ("merge", "evict", "kmeans")
+PREFILLS = ("merge", "evict", "kmeans", "similar")
 DECODES = ("fixed-point", "recent", "lowest-frequency")
 PROTECTS = ("none", "instruction", "last")
 KMEANS_ITERATIONS = 5
@@ -52,11 +52,13 @@ class ElasticPolicy(Policy):
         One score per layer, averaged over heads (paper); one score for all layers (the
         mean of the layers' scores; every layer keeps the same positions); or one per KV
         head (each head keeps its own anchors).
-    prefill : {"merge", "evict", "kmeans"}, default "merge"
+    prefill : {"merge", "evict", "kmeans", "similar"}, default "merge"
         What happens to non-anchors: merged into the nearest anchor by position (paper);
-        evicted; or merged by k-means on the keys: the anchors' keys seed the centroids,
+        evicted; merged by k-means on the keys: the anchors' keys seed the centroids,
         every other token joins its nearest centroid (Euclidean, over all heads of the
-        row), and centroids move to their members' mean, for 5 rounds.
+        row), and centroids move to their members' mean, for 5 rounds; or merged into
+        the anchor whose key is the most cosine-similar (over all heads of the row;
+        LOOK-M's pivot merge, with Elastic's anchors).
     decode : {"fixed-point", "recent", "lowest-frequency"}, default "fixed-point"
         Decode-time victim: the entry at N_tl (paper); the newest entry; or the entry
         with the lowest attention accumulated since the prefill (sinks excepted).
@@ -171,8 +173,12 @@ class ElasticPolicy(Policy):
             keep = protected.expand(prompt.rows, -1).clone()
             keep.scatter_(1, anchors, True)
             return keep_mask(keep, prompt)
-        group = nearest_by_position(anchors, positions, T) if self.prefill == "merge" \
-            else nearest_by_key(anchors, prompt.keys, protected)
+        if self.prefill == "merge":
+            group = nearest_by_position(anchors, positions, T)
+        elif self.prefill == "similar":
+            group = nearest_by_cosine(anchors, prompt.keys)
+        else:
+            group = nearest_by_key(anchors, prompt.keys, protected)
         return torch.where(protected, positions, group)
 
     # -- decoding ---------------------------------------------------------------------
