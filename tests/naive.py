@@ -342,26 +342,30 @@ def greedy_mass_counts(masses, total, minimum, forced):
 
 
 def renormalised_counts(total, weights, lo, hi):
-    """Clamp shares to [lo, hi], hand the excess or shortfall to the unclamped layers, repeat;
-    then largest remainder (ties to the earlier layer)."""
+    """Shares ``clamp(c * w_l, lo, hi)`` summing to ``total``, in exact fractions: walk the
+    breakpoints of the piecewise-linear ``f(c) = sum_l clamp(c * w_l, lo, hi)`` to the
+    segment where it reaches ``total`` and solve it; then largest remainder (ties to the
+    earlier layer, never above ``hi``)."""
     n = len(weights)
-    fixed = {}
-    while True:
-        free = [l for l in range(n) if l not in fixed]
-        left = total - sum(fixed.values())
-        wsum = sum(weights[l] for l in free)
-        shares = {l: left * weights[l] / wsum if wsum > 0 else left / len(free) for l in free}
-        changed = False
-        for l, x in shares.items():
-            if x < lo or x > hi:
-                fixed[l] = lo if x < lo else hi
-                changed = True
-        if not changed:
+    w = [Fraction(max(0.0, float(x))) for x in weights]
+    if sum(w) == 0:
+        w = [Fraction(1)] * n
+    total = min(max(total, n * lo), n * hi)
+
+    def f(c):
+        return sum(min(Fraction(hi), max(Fraction(lo), c * x)) for x in w)
+
+    points = sorted({Fraction(0)} | {Fraction(b) / x for x in w if x > 0 for b in (lo, hi)})
+    c = points[-1]
+    for a, b in zip(points, points[1:]):
+        if f(b) >= total:  # f is linear on [a, b]: solve f(c) = total there
+            c = a if f(b) == f(a) else a + (b - a) * (total - f(a)) / (f(b) - f(a))
             break
-    exact = [fixed.get(l, shares.get(l)) for l in range(n)]
-    counts = [math.floor(x + 1e-9) for x in exact]
-    for l in sorted(range(n), key=lambda l: (-(exact[l] - counts[l]), l))[: total - sum(counts)]:
-        counts[l] += 1
+    exact = [min(Fraction(hi), max(Fraction(lo), c * x)) for x in w]
+    counts = [math.floor(x) for x in exact]
+    for l in sorted(range(n), key=lambda l: (-(exact[l] - counts[l]), l)):
+        if sum(counts) < total and counts[l] < hi:
+            counts[l] += 1
     return counts
 
 
@@ -441,7 +445,9 @@ def run_layered(model, input_ids, method, budget, max_new_tokens, start_size=Non
                for l in range(L)] for b in range(B)]
     # -- the layers' budgets
     total = exact_total(budget, L, T, minimum)
-    if method == "prefixkv":
+    if method == "prefixkv" and o.get("ratios") is not None:  # calibrated shares
+        counts = renormalised_counts(total, list(o["ratios"]), minimum, T)
+    elif method == "prefixkv":
         free = [t for t in range(T) if t not in protected]
         masses = [[sum(scores[b][l][0][t] for b in range(B)) / B for t in free] for l in range(L)]
         counts = greedy_mass_counts(masses, total, minimum, len(protected))
