@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -36,6 +38,47 @@ def traces():
         "local": _run(model, "local", budget=0.3),
         "full": _run(model, "full"),
     }
+
+
+def layered_model():
+    """A tiny Llama whose layers attend very differently (diffuse, medium, sharp), so
+    PrefixKV and VL-Cache give them different budgets (a random model's layers are alike)."""
+    model = tiny_llama(layers=3, sharpness=1.0)
+    with torch.no_grad():
+        for factor, layer in zip((0.5, 8.0, 60.0), model.model.layers):
+            layer.self_attn.q_proj.weight.mul_(factor)
+    return elastic.attach(model)
+
+
+def _run_annotated(model, method, **params):
+    """As ``_run``, with the spans known at the prefill (VL-Cache votes with the text after the image)."""
+    ids = torch.randint(4, 64, (1, T), generator=torch.Generator().manual_seed(3))
+    cache = elastic.make_cache(method, **params)
+    cache.annotate(spans=SPANS, image_grid=(8, 8), tokens=[f"w<{i}>" for i in range(T + NEW)])
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                   do_sample=False, cache=cache, pad_token_id=1)
+    return cache.trace
+
+
+LAYERED = ("prefixkv", "prefixkv-ratios", "vlcache", "lookm", "elastic", "elastic-similar", "full")
+
+
+@pytest.fixture(scope="module")
+def layered():
+    """Traces of the new policies (and Elastic, full) at budget 0.3 on ``layered_model``."""
+    model = layered_model()
+    return {
+        "prefixkv": _run_annotated(model, "prefixkv", budget=0.3, distance=-8),
+        "prefixkv-ratios": _run_annotated(model, "prefixkv", budget=0.3, distance=-8, ratios=(1.0, 2.0, 3.0)),
+        "vlcache": _run_annotated(model, "vlcache", budget=0.3),
+        "lookm": _run_annotated(model, "lookm", budget=0.3),
+        "elastic": _run_annotated(model, "elastic", budget=0.3, distance=-8),
+        "elastic-similar": _run_annotated(model, "elastic", budget=0.3, distance=-8, prefill="similar"),
+        "full": _run_annotated(model, "full"),
+    }
+
+
+UNIFORM = math.ceil(Fraction(3, 10) * T)  # ceil(0.3 * 90) = 27 entries: the uniform budget, exactly
 
 
 def arr(value):
@@ -377,3 +420,167 @@ def test_summary_markdown_reads_the_trace(traces):
     md = viz.summary_markdown(t, stats, ["careful"])
     assert f"{t.lengths[-1]} of {t.full_lengths()[-1]} KV entries" in md
     assert "n/a tokens/s" in md and md.endswith("⚠️ careful")
+
+
+# -- budgets per layer (PrefixKV, VL-Cache) ---------------------------------------------------------
+def kept_count(trace, layer):
+    """Independent count: the prompt positions that hold themselves after the prefill."""
+    group = trace.layers[layer].group
+    return int(sum(1 for p, g in enumerate(group.tolist()) if g == p))
+
+
+def test_layered_fixture_has_uneven_budgets(layered):
+    # The per-layer checks below mean little unless the layers really kept different numbers.
+    for key in ("prefixkv", "prefixkv-ratios", "vlcache"):
+        t = layered[key]
+        counts = [kept_count(t, l) for l in range(t.num_layers)]
+        assert t.budgets_per_layer and len(set(counts)) > 1, (key, counts)
+        assert sum(counts) == t.num_layers * UNIFORM  # all layers together: the uniform total
+    assert layered["prefixkv-ratios"].fixed_point is not None and len(layered["vlcache"].evictions) > 0
+    assert not layered["lookm"].budgets_per_layer and layered["lookm"].per_head
+    # A mean over layers of different lengths is not a whole number.
+    assert any(not float(v).is_integer() for v in layered["vlcache"].lengths)
+
+
+@pytest.mark.parametrize("key", LAYERED)
+def test_layer_budgets_bars_are_the_entries_each_layer_kept(layered, key):
+    t = layered[key]
+    fig = viz.layer_budgets_figure(t)
+    bars = data(fig, viz.method_name(t.method))
+    assert bars["type"] == "bar" and arr(bars["x"]).tolist() == list(range(t.num_layers))
+    y = arr(bars["y"]).tolist()
+    assert y == t.layer_budget_entries().tolist()  # the library's budget entries per layer
+    assert y == [kept_count(t, l) for l in range(t.num_layers)]  # counted from the groups
+    assert y == [len(lt.kept) for lt in t.layers] == t.layer_lengths[0].tolist()  # the cache's lengths
+    custom = arr(bars["customdata"])
+    np.testing.assert_allclose(custom[:, 0], [lt.budget for lt in t.layers])
+    assert custom[:, 1].tolist() == [lt.budget_entries for lt in t.layers]
+    if t.budgets_per_layer:
+        np.testing.assert_allclose(custom[:, 0] * T, y)  # a layer's ratio is k_l / T
+        assert "own budget" in bars["hovertext"][0]
+    else:
+        assert y == [T if t.method == "full" else UNIFORM] * t.num_layers
+    line = data(fig, "uniform budget")
+    assert arr(line["y"]).tolist() == [T if t.method == "full" else UNIFORM] * 2
+    assert fig.layout.xaxis.title.text == "layer" and "entries kept" in fig.layout.yaxis.title.text
+
+
+def test_layer_budgets_compare_has_one_series_per_method(layered):
+    traces = {m: layered[k] for m, k in (("full", "full"), ("elastic", "elastic"), ("prefixkv", "prefixkv-ratios"),
+                                         ("vlcache", "vlcache"), ("lookm", "lookm"))}
+    fig = viz.layer_budgets_figure(traces, layer=2)
+    assert names(fig) == ["Elastic Cache", "PrefixKV", "VL-Cache", "LOOK-M", "uniform budget"]  # full left out
+    assert fig.layout.barmode == "group"
+    for method, t in traces.items():
+        if method != "full":
+            assert arr(data(fig, viz.method_name(method))["y"]).tolist() == [kept_count(t, l) for l in range(3)]
+    assert arr(data(fig, "uniform budget")["y"]).tolist() == [UNIFORM, UNIFORM]
+    selected = [s for s in fig.layout.shapes if s.name == "selected layer"]
+    assert len(selected) == 1 and (selected[0].x0, selected[0].x1) == (1.5, 2.5)
+    # The title names the layers that keep most and least, from the counts.
+    counts = [kept_count(traces["prefixkv"], l) for l in range(3)]
+    most, least = int(np.argmax(counts)), int(np.argmin(counts))
+    assert f"PrefixKV: layer {most} keeps most ({max(counts)}), layer {least} least ({min(counts)})" in \
+        fig.layout.title.text
+    assert "VL-Cache: layer" in fig.layout.title.text and "Elastic" not in fig.layout.title.text
+    # The full cache alone is drawn (every layer keeps everything).
+    alone = viz.layer_budgets_figure({"full": layered["full"]})
+    assert arr(data(alone, "Full cache")["y"]).tolist() == [T] * 3
+
+
+@pytest.mark.parametrize("key", ["prefixkv-ratios", "vlcache"])
+def test_heatmap_shows_each_layers_own_budget(layered, key):
+    t = layered[key]
+    fig = viz.attention_heatmap(t)
+    side = data(fig, "layer budget")
+    assert side["orientation"] == "h" and side["xaxis"] == "x2" and side["yaxis"] == "y2"
+    assert arr(side["y"]).tolist() == list(range(t.num_layers))
+    assert arr(side["x"]).tolist() == [kept_count(t, l) for l in range(t.num_layers)]
+    np.testing.assert_allclose(arr(side["customdata"])[:, 0], [lt.budget for lt in t.layers])
+    assert arr(data(fig, "uniform budget")["x"]).tolist() == [UNIFORM, UNIFORM]
+    counts = [kept_count(t, l) for l in range(t.num_layers)]
+    assert f"each layer its own budget, {min(counts)} to {max(counts)} of {T} entries" in fig.layout.title.text
+    # The heatmap itself is unchanged: the score matrix, every layer's kept positions.
+    np.testing.assert_allclose(arr(data(fig, "scores")["customdata"]), t.scores_matrix(), rtol=1e-6)
+    drawn = sorted(zip(arr(data(fig, "kept")["y"]).tolist(), arr(data(fig, "kept")["x"]).tolist()))
+    protected = set(t.protected.tolist())
+    assert drawn == sorted((l, int(p)) for l, lt in enumerate(t.layers) for p in lt.kept if p not in protected)
+
+
+@pytest.mark.parametrize("key", ["elastic", "lookm"])
+def test_heatmap_of_a_uniform_budget_says_so(layered, key):
+    fig = viz.attention_heatmap(layered[key])
+    assert "layer budget" not in names(fig)
+    assert f"every layer keeps {UNIFORM} of {T} entries" in fig.layout.title.text
+
+
+@pytest.mark.parametrize("key", ["prefixkv-ratios", "vlcache", "elastic"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_timeline_follows_the_layers_own_length(layered, key, layer):
+    t = layered[key]
+    fig = viz.cache_timeline(t, layer=layer, step=NEW - 1)
+    replayed = [len(t.positions_at(layer, s)) for s in range(t.decode_steps + 1)]  # independent of lengths
+    assert arr(data(fig, "cache length")["y"]).tolist() == replayed == t.lengths_of(layer).tolist()
+    budget = data(fig, "layer budget")
+    assert arr(budget["x"]).tolist() == [0] and arr(budget["y"]).tolist() == [kept_count(t, layer)]
+    np.testing.assert_allclose(arr(budget["customdata"])[0], [t.layers[layer].budget])
+    ev = data(fig, "evictions")
+    assert arr(ev["y"]).tolist() == [replayed[s] for s in arr(ev["x"]).tolist()]
+    if t.budgets_per_layer:
+        mean = [np.mean([len(t.positions_at(l, s)) for l in range(t.num_layers)]) for s in range(len(replayed))]
+        np.testing.assert_allclose(arr(data(fig, "mean over layers")["y"]), mean)
+        assert f"{replayed[NEW - 1]} entries in layer {layer} (its own budget)" in fig.layout.title.text
+        assert fig.layout.yaxis.title.text == f"entries in layer {layer}"
+    else:
+        assert "mean over layers" not in names(fig)
+        assert fig.layout.yaxis.title.text == "entries per layer"
+
+
+def test_timeline_draws_n_tl_only_where_the_trace_recorded_it(layered):
+    # The trace holds one N_tl, layer 0's: a PrefixKV layer that kept another number of
+    # prompt entries evicts elsewhere, so no line is drawn there.
+    t = layered["prefixkv-ratios"]
+    def hlines(layer):
+        fig = viz.cache_timeline(t, layer=layer)
+        return [s.y0 for s in fig.layout.shapes if s.type == "line" and s.y0 == s.y1]
+    assert kept_count(t, 0) != kept_count(t, 2)
+    assert hlines(0) == [t.fixed_point] and hlines(2) == []
+
+
+def test_lengths_figure_keeps_the_mean_over_layers(layered):
+    fig = viz.lengths_figure({"vlcache": layered["vlcache"], "elastic": layered["elastic"]})
+    t = layered["vlcache"]
+    y = arr(data(fig, "VL-Cache")["y"])
+    np.testing.assert_allclose(y, t.layer_lengths.mean(axis=1))  # not cut to whole entries
+    assert any(not float(v).is_integer() for v in y)
+    assert "mean over layers" in fig.layout.title.text
+
+
+def test_summary_and_explanation_of_a_budget_per_layer(layered):
+    t = layered["vlcache"]
+    final = float(np.mean([len(t.positions_at(l, t.decode_steps)) for l in range(3)]))
+    stats = {"kv_bytes": int(t.kv_bytes()[-1]), "full_kv_bytes": int(t.full_lengths()[-1] * t.bytes_per_entry),
+             "prefill_s": 0.1, "tokens_per_s": 5.0, "new_tokens": NEW}
+    md = viz.summary_markdown(t, stats)
+    assert f"{final:.1f} of {t.full_lengths()[-1]} KV entries per layer on average" in md
+    assert "each layer has its own budget" in md
+    counts = [kept_count(t, l) for l in range(3)]
+    text = viz.explain_html(t, layer=2)
+    assert "VL-Cache lets the text after the image vote" in text
+    assert f"Layer 2's own budget is {counts[2] / T:.3f} of the prompt ({counts[2]} entries" in text
+    assert f"kept {min(counts)} to {max(counts)} entries, {sum(counts)} in all" in text
+    assert "A budget per layer" not in viz.explain_html(layered["lookm"], 0)
+    assert "key is most similar" in viz.explain_html(layered["lookm"], 0)
+    assert "PrefixKV scores the tokens" in viz.explain_html(layered["prefixkv"], 0)
+    assert "most similar (cosine similarity)" in viz.explain_html(layered["elastic-similar"], 0)
+
+
+def test_new_methods_have_names_and_every_figure_serialises(layered, image):
+    assert [viz.method_name(m) for m in ("prefixkv", "vlcache", "lookm")] == ["PrefixKV", "VL-Cache", "LOOK-M"]
+    assert all(viz.method_name(m) != m for m in elastic.METHODS)  # every registered method has a display name
+    for t in layered.values():
+        for layer in range(t.num_layers):
+            for fig in (viz.attention_heatmap(t), viz.merge_groups(t, layer), viz.image_overlay(t, image, layer),
+                        viz.cache_timeline(t, layer), viz.layer_budgets_figure(t, layer=layer)):
+                json.loads(fig.to_json())
+    json.loads(viz.layer_budgets_figure(layered).to_json())

@@ -10,10 +10,12 @@ never recomputes the algorithm (anchors are ``trace.layers[l].kept``, groups
     viz.image_overlay(trace, image, layer, step)  # patches over the input image
     viz.cache_timeline(trace, layer, step)  # length / KV bytes vs decoding step, N_tl
     viz.lengths_figure({method: trace})     # several methods' cache lengths on one prompt
+    viz.layer_budgets_figure({method: trace})  # entries each layer kept after the prefill, per method
     viz.compare_html(results)               # answers side by side, metrics, word diff
     viz.explain_html(trace, layer)          # "How it works" with this prompt's numbers
 """
 
+from .budgets import layer_budgets_figure
 from .groups import merge_groups
 from .heatmap import attention_heatmap
 from .image import image_grid, image_overlay
@@ -25,6 +27,7 @@ from .timeline import cache_timeline, lengths_figure
 
 __all__ = [
     "attention_heatmap", "merge_groups", "image_overlay", "image_grid", "cache_timeline", "lengths_figure",
+    "layer_budgets_figure",
     "human_bytes", "message_figure", "method_name", "resolve_step",
     "compare_html", "diff_html", "diff_tokens", "summary_markdown", "explain_html", "prompt_state", "PromptState",
 ]

@@ -44,7 +44,12 @@ TEMPLATE.layout.update(
 SCORE_FLOOR = 1e-6
 
 METHOD_NAMES = {"full": "Full cache", "elastic": "Elastic Cache", "h2o": "H2O", "local": "Local (StreamingLLM)",
-                "snapkv": "SnapKV", "tova": "TOVA", "h2o-ref": "H2O (reference code)"}
+                "snapkv": "SnapKV", "tova": "TOVA", "prefixkv": "PrefixKV", "vlcache": "VL-Cache", "lookm": "LOOK-M",
+                "h2o-ref": "H2O (reference code)"}
+# One colour per method wherever several are drawn together (Compare's figures).
+METHOD_COLOURS = {"full": "#7f7f7f", "elastic": SPAN_COLOURS["image"], "h2o": SPAN_COLOURS["instruction"],
+                  "local": "#7b5ea7", "snapkv": "#1f77b4", "tova": "#bcbd22", "prefixkv": "#d62728",
+                  "vlcache": "#e377c2", "lookm": "#8c564b", "h2o-ref": "#c08552"}
 
 
 def resolve_step(trace, step) -> int:
@@ -105,6 +110,18 @@ def message_figure(text: str, title: str = "", height: int = 260) -> go.Figure:
 
 def method_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
+
+
+def kept_after_prefill(trace) -> list[int]:
+    """Entries each layer held right after the prefill (``trace.lengths_of(l)[0]``): with
+    one budget per layer (PrefixKV, VL-Cache) they differ from layer to layer."""
+    return [int(trace.lengths_of(layer)[0]) for layer in range(trace.num_layers)]
+
+
+def entries_text(n) -> str:
+    """A number of entries: ``27``, or ``31.7`` for a mean over layers of different lengths."""
+    n = float(n)
+    return f"{n:.0f}" if n.is_integer() else f"{n:.1f}"
 
 
 def variant_text(trace) -> str:

@@ -6,7 +6,7 @@ import html
 
 import numpy as np
 
-from .style import method_name, token_text, variant_text
+from .style import kept_after_prefill, method_name, token_text, variant_text
 
 _OTHER_METHODS = {
     "full": "The full cache keeps every entry: nothing is scored, merged or evicted. Pick "
@@ -21,6 +21,21 @@ _OTHER_METHODS = {
               "dropped. While decoding it drops the entry the newest token attends to least.",
     "tova": "TOVA keeps the entries the newest token attends to most, and re-decides at every step: "
             "the entry the newest token attends to least is dropped.",
+    "prefixkv": "PrefixKV scores the tokens as H2O does (attention received), but does not give every layer "
+                "the same budget. One threshold on the share of its attention a layer's best tokens hold is "
+                "shared by all layers: a layer whose attention is concentrated on a few tokens reaches it with few "
+                "entries and hands the rest of its budget to layers whose attention is spread out. All layers "
+                "together keep what the uniform budget allows. The rest is evicted; while decoding each layer "
+                "keeps its own share and evicts at a fixed slot, as Elastic Cache does.",
+    "vlcache": "VL-Cache lets the text after the image vote: those tokens' attention scores every entry. A layer "
+               "whose attention is <i>sparse</i> (most weights below 1% of the largest) needs fewer entries, so "
+               "the budget is spread over the layers by how dense their attention is; all layers together keep "
+               "what the uniform budget allows. Each layer keeps its best-scored entries plus a short recent "
+               "window (10% of its budget) and drops the rest.",
+    "lookm": "LOOK-M ranks text tokens before image tokens (a <i>text prior</i>), keeps the best-ranked ones "
+             "plus a recent window, each KV head choosing its own, and does not throw the others away: each is "
+             "averaged into the kept entry whose <i>key is most similar</i>, wherever it sits in the prompt "
+             "(Elastic Cache merges into the nearest anchor by position). While decoding it evicts as H2O does.",
     "h2o-ref": "This is H2O as the paper's reference code runs it: one score shared by all layers, no "
                "recent window, and a selection that keeps <i>rank positions</i> instead of the "
                "highest-scoring tokens, so the kept set is close to random. It is the baseline of the "
@@ -32,6 +47,9 @@ _PREFILL = {
     "kmeans": "Every other token joins the anchor whose key is most similar (k-means on the keys, seeded by the "
               "anchors), and the anchor's key and value become the plain average of its group. Nothing is "
               "simply thrown away",
+    "similar": "Every other token joins the anchor whose key is the most similar (cosine similarity), wherever it "
+               "sits in the prompt (LOOK-M's merge rule), and the anchor's key and value become the plain average "
+               "of its group. Nothing is simply thrown away",
     "evict": "This variant <i>evicts</i> every other token instead of merging it (the paper's 'eviction' "
              "ablation)",
 }
@@ -98,6 +116,14 @@ def explain_html(trace, layer: int = 0) -> str:
         p.append(f"<p><b>This answer used {html.escape(method_name(trace.method))}.</b> "
                  f"{_OTHER_METHODS.get(trace.method, '')} In layer {layer} it kept {len(kept)} of {T} prompt "
                  f"entries and removed {len(evictions)} while decoding.</p>")
+        if trace.budgets_per_layer:
+            counts = kept_after_prefill(trace)
+            own = trace.budget if lt.budget is None else lt.budget
+            p.append(f"<p><b>A budget per layer.</b> Layer {layer}'s own budget is {own:.3f} of the prompt "
+                     f"({len(kept)} entries; the budget {trace.budget:g} alone would give every layer "
+                     f"{trace.budget_entries}). Over the {trace.num_layers} layers the prefill kept "
+                     f"{min(counts)} to {max(counts)} entries, {sum(counts)} in all. The "
+                     "<i>Budget per layer</i> figure shows every layer.</p>")
         return "\n".join(p)
     options = {"importance": "sum", "prefill": "merge", "decode": "fixed-point", "protect": "none",
                "scope": "layer", **(trace.options or {})}

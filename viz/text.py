@@ -10,7 +10,7 @@ import difflib
 import html
 import math
 
-from .style import human_bytes, method_name, variant_text
+from .style import entries_text, human_bytes, method_name, variant_text
 
 
 # Explicit text colours: readable on light and dark page backgrounds alike.
@@ -127,12 +127,15 @@ def summary_markdown(trace, stats: dict, warnings=()) -> str:
         ``kv_bytes``, ``full_kv_bytes``, ``prefill_s``, ``tokens_per_s``, ``new_tokens``.
     warnings : list of str
     """
-    kept, full = int(trace.lengths[-1]), int(trace.full_lengths()[-1])
+    kept, full = float(trace.lengths[-1]), int(trace.full_lengths()[-1])
     speed = _number(stats.get("tokens_per_s"))
     variant = variant_text(trace)
+    # With one budget per layer (PrefixKV, VL-Cache) the layers differ: the mean over layers.
+    per_layer = (" per layer on average", "; each layer has its own budget") if trace.budgets_per_layer else (
+        " per layer", "")
     line = (f"**{method_name(trace.method)}**{f' ({variant})' if variant else ''}, budget {trace.budget:g}: "
-            f"{kept} of {full} KV entries per layer "
-            f"({kept / full:.0%}), {human_bytes(stats['kv_bytes'])} vs {human_bytes(stats['full_kv_bytes'])} full. "
+            f"{entries_text(kept)} of {full} KV entries{per_layer[0]} "
+            f"({kept / full:.0%}{per_layer[1]}), {human_bytes(stats['kv_bytes'])} vs {human_bytes(stats['full_kv_bytes'])} full. "
             f"Prefill {_number(stats.get('prefill_s')) or 0.0:.2f} s, "
             f"{'n/a' if speed is None else f'{speed:.1f}'} tokens/s, {stats.get('new_tokens')} new tokens.")
     if stats.get("stopped"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .style import DROPPED_COLOUR, INK, SPAN_COLOURS, TEMPLATE, method_name, resolve_step, token_text
+from .style import DROPPED_COLOUR, INK, METHOD_COLOURS, SPAN_COLOURS, TEMPLATE, method_name, resolve_step, token_text
 
 
 def kv_unit(largest: float) -> tuple[str, int]:
@@ -23,7 +23,8 @@ def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int =
     ----------
     trace : elastic.Trace
     layer : int
-        Layer whose evictions are marked (all layers have the same length).
+        Layer whose length and evictions are drawn (layers differ in length when the
+        method gives each its own budget: PrefixKV, VL-Cache).
     step : int or None
         Decode step to mark with a vertical line (None = the last one).
     height : int
@@ -31,21 +32,45 @@ def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int =
     Returns
     -------
     plotly.graph_objects.Figure
-        Top: ``cache length`` (``trace.lengths``), ``full cache`` (``trace.full_lengths()``)
-        and ``evictions`` (one marker per row of ``trace.evictions_of(layer)``, at its step
-        and the length after it; ``customdata`` = evicted position), plus a line at
-        ``trace.fixed_point`` (N_tl) when the method has one. Bottom: ``KV bytes`` and
-        ``full KV bytes``.
+        Top: ``cache length`` (``trace.lengths_of(layer)``), ``full cache``
+        (``trace.full_lengths()``), ``layer budget`` (one marker at step 0, at
+        ``trace.layers[layer].budget_entries``: what this layer's budget allows after the
+        prefill; ``customdata`` = [its budget ratio]) and ``evictions`` (one marker per row
+        of ``trace.evictions_of(layer)``, at its step and the layer's length after it;
+        ``customdata`` = evicted position), plus a line at ``trace.fixed_point`` (N_tl)
+        when the method has one and it holds for this layer. With one budget per layer,
+        ``mean over layers`` (``trace.lengths``) too. Bottom: ``KV bytes`` and ``full KV
+        bytes`` (all layers).
     """
     step = resolve_step(trace, step)
     steps = list(range(len(trace.lengths)))
-    lengths = [int(v) for v in trace.lengths]
+    layer = min(max(int(layer), 0), trace.num_layers - 1)
+    per_layer = trace.budgets_per_layer
+    lengths = [int(v) for v in trace.lengths_of(layer)]
     full = [int(v) for v in trace.full_lengths()]
+    lt = trace.layers[layer]
+    ratio = float(trace.budget if lt.budget is None else lt.budget)
+    allowed = lt.budget_entries if lt.budget_entries is not None else trace.budget_entries
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.08)
     fig.add_trace(go.Scatter(name="full cache", x=steps, y=full, mode="lines",
                              line=dict(color="#7f7f7f", dash="dash")), row=1, col=1)
+    if per_layer:
+        fig.add_trace(go.Scatter(name="mean over layers", x=steps, y=[float(v) for v in trace.lengths], mode="lines",
+                                 line=dict(color=INK, dash="dot", width=2),
+                                 hovertemplate="step %{x}: %{y:.1f} entries, mean over layers<extra></extra>"),
+                      row=1, col=1)
     fig.add_trace(go.Scatter(name="cache length", x=steps, y=lengths, mode="lines",
-                             line=dict(color=SPAN_COLOURS["image"], width=3)), row=1, col=1)
+                             line=dict(color=SPAN_COLOURS["image"], width=3),
+                             hovertemplate=f"step %{{x}}: layer {layer} holds %{{y}} entries<extra></extra>"),
+                  row=1, col=1)
+    if allowed is not None:
+        own = (f"layer {layer}'s own budget {ratio:.3f}" if per_layer else f"the budget {trace.budget:g}")
+        fig.add_trace(go.Scatter(
+            name="layer budget", x=[0], y=[int(allowed)], customdata=[[ratio]], mode="markers",
+            marker=dict(symbol="diamond", size=11, color="white", line=dict(color=INK, width=2)),
+            hovertemplate=(f"after the prefill {own} allows &lceil;{ratio:.3f} &times; {trace.prompt_length}&rceil; = "
+                           f"{int(allowed)} entries<extra></extra>"),
+        ), row=1, col=1)
     rows = trace.evictions_of(layer)
     rows = rows[rows[:, 0] <= step]  # replaying step s: the evictions up to s
     fig.add_trace(go.Scatter(
@@ -55,12 +80,17 @@ def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int =
         hovertemplate="%{hovertext}<extra></extra>", mode="markers",
         marker=dict(symbol="x-thin", size=9, color=DROPPED_COLOUR, line=dict(color=DROPPED_COLOUR, width=2)),
     ), row=1, col=1)
-    if trace.fixed_point is not None:
+    # The trace records one N_tl (layer 0's). With a budget per layer a layer that kept a
+    # different number of prompt entries evicts at another slot, which is not recorded.
+    fixed_point = trace.fixed_point
+    if fixed_point is not None and per_layer and len(lt.kept) != len(trace.layers[0].kept):
+        fixed_point = None
+    if fixed_point is not None:
         # Slots below N_tl (the compressed prompt head) are never evicted while decoding.
-        fig.add_hrect(y0=0, y1=trace.fixed_point, fillcolor=SPAN_COLOURS["image"], opacity=0.08, line_width=0,
+        fig.add_hrect(y0=0, y1=fixed_point, fillcolor=SPAN_COLOURS["image"], opacity=0.08, line_width=0,
                       row=1, col=1)
-        fig.add_hline(y=trace.fixed_point, line=dict(color=DROPPED_COLOUR, dash="dot"), row=1, col=1,
-                      annotation_text=f"N_tl = {trace.fixed_point} (fixed eviction slot)",
+        fig.add_hline(y=fixed_point, line=dict(color=DROPPED_COLOUR, dash="dot"), row=1, col=1,
+                      annotation_text=f"N_tl = {fixed_point} (fixed eviction slot)",
                       annotation_position="bottom right", name="N_tl")
 
     kv = [int(v) for v in trace.kv_bytes()]
@@ -77,7 +107,8 @@ def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int =
 
     share = kv[step] / full_kv[step] if full_kv[step] else 1.0
     fig.update_layout(
-        title=dict(text=f"{method_name(trace.method)}: {lengths[step]} entries at step {step}; "
+        title=dict(text=f"{method_name(trace.method)}: {lengths[step]} entries"
+                        f"{f' in layer {layer} (its own budget)' if per_layer else ''} at step {step}; "
                         f"KV {kv[step] / size:,.1f} {unit} kept vs {full_kv[step] / size:,.1f} {unit} full "
                         f"({share:.0%})",
                    font=dict(size=14)),
@@ -85,7 +116,8 @@ def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int =
         legend=dict(orientation="h", y=1.0, x=0, yanchor="bottom"),
         template=TEMPLATE,
     )
-    fig.update_yaxes(title_text="entries per layer", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text=f"entries in layer {layer}" if per_layer else "entries per layer", rangemode="tozero",
+                     row=1, col=1)
     fig.update_yaxes(title_text=f"KV ({unit})", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="decoding step (0 = after prefill)", row=2, col=1)
     return fig
@@ -103,22 +135,26 @@ def lengths_figure(traces: dict, height: int = 300) -> go.Figure:
     Returns
     -------
     plotly.graph_objects.Figure
-        One line per method, named by :func:`method_name`, with ``y = trace.lengths``.
+        One line per method, named by :func:`method_name`, with ``y = trace.lengths``
+        (the mean over layers for a method with one budget per layer).
     """
-    colours = {"full": "#7f7f7f", "elastic": SPAN_COLOURS["image"], "h2o": SPAN_COLOURS["instruction"],
-               "local": "#7b5ea7"}
     # Methods at one budget keep the same number of entries: dashes keep every line visible.
-    dashes = {"full": "dash", "h2o": "dot", "local": "dashdot"}
+    dashes = {"full": "dash", "h2o": "dot", "local": "dashdot", "tova": "dot", "vlcache": "dashdot", "lookm": "dot"}
     fig = go.Figure()
+    uneven = False
     for method, trace in traces.items():
+        uneven |= trace.budgets_per_layer
+        mean = " (mean over layers: each has its own budget)" if trace.budgets_per_layer else " per layer"
         fig.add_trace(go.Scatter(
-            name=method_name(method), x=list(range(len(trace.lengths))), y=[int(v) for v in trace.lengths],
-            mode="lines", line=dict(color=colours.get(method), width=3 if method == "elastic" else 2,
+            name=method_name(method), x=list(range(len(trace.lengths))), y=[float(v) for v in trace.lengths],
+            mode="lines", line=dict(color=METHOD_COLOURS.get(method), width=3 if method == "elastic" else 2,
                                     dash=dashes.get(method, "solid")),
+            hovertemplate=f"{method_name(method)}, step %{{x}}: %{{y:.4~g}} entries{mean}<extra></extra>",
         ))
     fig.update_layout(
-        title=dict(text="KV entries per layer while decoding", font=dict(size=14)), height=height,
-        xaxis_title="decoding step (0 = after prefill)", yaxis_title="entries", yaxis_rangemode="tozero",
+        title=dict(text="KV entries per layer while decoding" + (" (mean over layers where budgets differ)" if uneven
+                                                                 else ""), font=dict(size=14)), height=height,
+        xaxis_title="decoding step (0 = after prefill)", yaxis_title="entries per layer", yaxis_rangemode="tozero",
         margin=dict(l=60, r=20, t=50, b=40), legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0),
         template=TEMPLATE,
     )
