@@ -40,6 +40,12 @@ BEYOND = [
     ("local", "local", {}, None),
     ("snapkv", "snapkv", {}, None),
     ("tova", "tova", {}, None),
+    # Which of Elastic's choices matters: its merge rule (by key similarity, not position),
+    # and the vision-language peers (budgets per layer, a text prior, a similarity merge).
+    ("prefill-similar", "elastic", {"prefill": "similar"}, None),
+    ("prefixkv", "prefixkv", {}, None),
+    ("vlcache", "vlcache", {}, None),
+    ("lookm", "lookm", {}, None),
 ]
 # How the paper's comparison was run: the reference code's H2O, and decoded tokens at the
 # compressed cache's length (SPEC 2), against ours (textbook H2O, true positions).

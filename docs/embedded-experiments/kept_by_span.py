@@ -28,6 +28,10 @@ VARIANTS = [
     ("local", "local", {}),
     ("snapkv", "snapkv", {}),
     ("tova", "tova", {}),
+    ("elastic prefill=similar", "elastic", {"prefill": "similar"}),
+    ("prefixkv", "prefixkv", {}),
+    ("vlcache", "vlcache", {}),
+    ("lookm", "lookm", {}),
 ]
 
 torch.set_num_threads(1)
