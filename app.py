@@ -303,20 +303,22 @@ def _index(value) -> int:
 
 def render_panel(session: Session, layer, step, head=0):
     """Figures and teaching text for the session's last trace at ``layer`` / ``step``
-    (and KV ``head``, for a policy that selects per head)."""
+    (and KV ``head``, for a policy that selects per head): the heatmap, groups, image
+    overlay, timeline, explanation, the teaching tab's groups and timeline, and the budget
+    per layer (``layer`` outlined)."""
     trace = session.trace
     if trace is not None and trace.per_head:
         trace = trace.of_head(min(max(_index(head), 0), len(trace.heads) - 1))
     if trace is None:
         empty = viz.message_figure("Send a message (or pick an example) to see the cache.")
-        return empty, empty, empty, empty, viz.explain_html(None), empty, empty
+        return empty, empty, empty, empty, viz.explain_html(None), empty, empty, empty
     layer = min(max(_index(layer), 0), trace.num_layers - 1)
     step = viz.resolve_step(trace, _index(step) if step is not None else None)
     groups = viz.merge_groups(trace, layer, step)
     timeline = viz.cache_timeline(trace, layer, step)
     # The teaching tab shows the same two figures next to the explanation.
     return (viz.attention_heatmap(trace), groups, viz.image_overlay(trace, session.image, layer, step), timeline,
-            viz.explain_html(trace, layer), groups, timeline)
+            viz.explain_html(trace, layer), groups, timeline, viz.layer_budgets_figure(trace, layer=layer))
 
 
 def on_slider(layer, step, head, request: gr.Request):
@@ -502,7 +504,7 @@ def pending_panel():
     """The panel's placeholder from sending until ``show_panel`` draws the new answer's
     figures (not queued: shown at once; the explanation stays)."""
     pending = viz.message_figure("The figures follow when the answer ends.")
-    return pending, pending, pending, pending, gr.update(), pending, pending
+    return pending, pending, pending, pending, gr.update(), pending, pending, pending
 
 
 def waiting_status(message) -> str:
@@ -600,8 +602,9 @@ def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, us
     With ``use_context``, ``context`` (chat messages, as the chatbot holds them) comes
     before the question, as in the chat.
 
-    Returns the side-by-side HTML, a JSON summary (``answers`` and ``metrics`` per method)
-    and the cache length of every method over the decoding steps.
+    Returns the side-by-side HTML, a JSON summary (``answers`` and ``metrics`` per method),
+    the cache length of every method over the decoding steps, and the entries each layer of
+    each method kept after the prefill (PrefixKV and VL-Cache give every layer its own budget).
     """
     if not image:
         raise refused("Add an image to compare on.")
@@ -633,7 +636,7 @@ def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, us
     gens, warnings = [], []
     stop = session_of(request).stop
     stop.clear()
-    yield (gr.update(),) * 3  # from here gradio can close this generator if the client leaves
+    yield (gr.update(),) * 4  # from here gradio can close this generator if the client leaves
     timed = {}
     limit = threading.Timer(MAX_SECONDS, lambda: (timed.update(out=True), stop.set()))
     limit.start()
@@ -651,7 +654,7 @@ def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, us
                 return elastic.generate(model, processor, picture, prompt, max_new_tokens=int(max_new_tokens),
                                         stop=stop, **settings)
             try:
-                gen = yield from in_background(answer, stop, (gr.update(),) * 3)
+                gen = yield from in_background(answer, stop, (gr.update(),) * 4)
             except ValueError as error:
                 raise refused(f"{viz.method_name(method)}: {error}") from None
             gens.append(gen)
@@ -685,7 +688,8 @@ def _compared(gens, methods, question, budget, warnings):
             for r in results},
         "warnings": warnings,
     }
-    return viz.compare_html(results, float(budget)), payload, viz.lengths_figure(traces)
+    return (viz.compare_html(results, float(budget)), payload, viz.lengths_figure(traces),
+            viz.layer_budgets_figure(traces))
 
 
 def compare_from_chat(history, message, method, budget, max_new_tokens):
@@ -810,6 +814,9 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                                 overlay = gr.Plot(waiting, label="image", show_label=False, elem_id="overlay")
                             with gr.Tab("Cache over time") as t_timeline:
                                 timeline = gr.Plot(waiting, label="timeline", show_label=False, elem_id="timeline")
+                            with gr.Tab("Budget per layer") as t_budgets:
+                                budgets = gr.Plot(waiting, label="budget per layer", show_label=False,
+                                                  elem_id="budgets")
                             with gr.Tab("How it works") as t_how:
                                 explain = gr.HTML(viz.explain_html(None), label="explanation", elem_id="explain")
                                 teach_groups = gr.Plot(waiting, label="teaching groups", show_label=False)
@@ -825,7 +832,9 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                         c_methods = gr.CheckboxGroup(
                             [(viz.method_name(m), m) for m in elastic.METHODS if m != "full"],
                             value=[m for m in COMPARE_METHODS if m != "full"],
-                            label="Methods beside the full cache", elem_id="compare-methods")
+                            label="Methods beside the full cache", elem_id="compare-methods",
+                            info="PrefixKV and VL-Cache give each layer its own budget: see the budget per layer "
+                                 "below the answers.")
                         c_use_context = gr.Checkbox(False, visible=False, elem_id="compare-context",
                                                     label="With the chat's earlier turns as context")
                         c_context = gr.State(None)
@@ -838,10 +847,11 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                     with gr.Column(scale=5):
                         c_html = gr.HTML(label="comparison", elem_id="compare-html")
                         c_lengths = gr.Plot(label="cache lengths", show_label=False)
+                        c_budgets = gr.Plot(label="budget per layer", show_label=False, elem_id="compare-budgets")
                         with gr.Accordion("Answers and metrics (JSON, as the /compare API returns them)", open=False):
                             c_json = gr.JSON(label="Answers and metrics")
 
-        panel = [heatmap, groups, overlay, timeline, explain, teach_groups, teach_timeline]
+        panel = [heatmap, groups, overlay, timeline, explain, teach_groups, teach_timeline, budgets]
         controls = [method, budget, start_size, distance, max_new, layer, importance, scope, prefill, decode, protect]
         msg.submit(waiting_status, [msg], [status], queue=False, api_name=False, show_progress="hidden")
         msg.submit(pending_panel, None, panel, queue=False, api_name=False, show_progress="hidden")
@@ -860,14 +870,14 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
         clear.click(clear_chat, None, [chatbot, msg, status, *panel, layer, step, head], api_name=False)
         chatbot.clear(clear_chat, None, [chatbot, msg, status, *panel, layer, step, head], api_name=False)
         c_run.click(compare, [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context],
-                    [c_html, c_json, c_lengths], show_progress_on=[c_html],  # one progress bar, not three
+                    [c_html, c_json, c_lengths, c_budgets], show_progress_on=[c_html],  # one progress bar
                     api_name="compare", concurrency_id="model", concurrency_limit=CONCURRENCY)
         to_compare.click(compare_from_chat, [chatbot, msg, method, budget, max_new],
                          [c_image, c_question, c_budget, c_max_new, c_methods, c_use_context, c_context, tabs],
                          api_name=False)
         # A plot drawn while its tab was hidden has no width to fit; a resize on showing the
         # tab makes plotly fit it to the visible column again.
-        for tab in (explore_tab, compare_tab, t_attention, t_groups, t_image, t_timeline, t_how):
+        for tab in (explore_tab, compare_tab, t_attention, t_groups, t_image, t_timeline, t_budgets, t_how):
             tab.select(None, None, None, js=RESIZE_JS, api_name=False, queue=False)
         blocks.unload(forget_session)
     return blocks

@@ -6,11 +6,13 @@ Uses the shipped default model (SmolLM2 with eyes), as ``./run.sh app`` serves i
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,7 +127,7 @@ def test_chat_streams_an_answer_and_draws_its_trace(server, images):
     assert len(outputs) >= 3  # "generating", at least one streamed chunk, the final state
     # Streamed messages carry the chat, the box and the status only (each extra output costs
     # the model time while it streams); the figures come from /panel afterwards.
-    assert all(len(o) == 3 for o in outputs[:-1]) and len(outputs[-1]) == 3 + 10
+    assert all(len(o) == 3 for o in outputs[:-1]) and len(outputs[-1]) == 3 + 11
     history, _, status, heat, groups, overlay, timeline, explain, *_teach, layer, step, _head = outputs[-1]
     answer = history[-1]
     assert answer["role"] == "assistant" and answer["content"][0]["text"].strip()
@@ -204,6 +206,91 @@ def test_chat_with_a_per_head_policy_shows_a_head_selector(server, images):
     assert drawn.to_json() != viz.merge_groups(heads[0], layer, steps).to_json()
 
 
+def kept_counts(trace) -> list[int]:
+    """Independent count of the entries each layer kept after the prefill: the prompt
+    positions that hold themselves in the layer's groups."""
+    return [int(sum(1 for p, g in enumerate(lt.group.tolist()) if g == p)) for lt in trace.layers]
+
+
+def uniform_total(budget: float, layers: int, T: int) -> int:
+    """All layers together keep ``ceil(budget * layers * T)`` entries: ``budget x`` the full
+    cache's (exact arithmetic)."""
+    return math.ceil(Fraction(str(budget)) * layers * T)
+
+
+@pytest.mark.parametrize("method", ["prefixkv", "vlcache", "lookm"])
+def test_chat_runs_each_new_method_with_its_budget_per_layer(server, images, method):
+    client = Client(server.url, verbose=False)
+    layer = 1  # the slider's range before an answer is 0..1
+    out = chat(client, images["red"], "what is in the image ?", method=method, budget=0.3, max_new_tokens=6,
+               layer=layer)[-1]
+    history, _, status, heat, _, _, timeline, explain, _, _, budgets, layer_slider, _, head = out
+    assert history[-1]["role"] == "assistant" and "KV entries" in status
+    trace = session_trace(client)
+    assert trace.method == method and layer_slider["value"] == layer
+    assert viz.method_name(method) in explain
+    counts = kept_counts(trace)
+    # The budget per layer: one bar per layer, the entries it kept, the chosen layer outlined.
+    budgets = figure(budgets)
+    bars = trace_data(budgets, viz.method_name(method))
+    assert arr(bars["y"]).tolist() == counts == trace.layer_lengths[0].tolist() == \
+        trace.layer_budget_entries().tolist()
+    assert [(s["x0"], s["x1"]) for s in budgets["layout"]["shapes"] if s.get("name") == "selected layer"] == \
+        [(layer - 0.5, layer + 0.5)]
+    # The timeline follows the chosen layer's own length (replayed from the trace).
+    replayed = [len(trace.positions_at(layer, s)) for s in range(trace.decode_steps + 1)]
+    assert arr(trace_data(figure(timeline), "cache length")["y"]).tolist() == replayed
+    assert arr(trace_data(figure(timeline), "layer budget")["y"]).tolist() == [counts[layer]]
+    heat = figure(heat)
+    if method == "lookm":  # one budget for all layers, one selection per KV head
+        assert not trace.budgets_per_layer and trace.per_head and head["visible"]
+        assert counts == [math.ceil(Fraction(3, 10) * trace.prompt_length)] * trace.num_layers
+        assert all(t.get("name") != "layer budget" for t in heat["data"])
+    else:  # a real model's layers attend differently: their budgets differ
+        assert trace.budgets_per_layer and len(set(counts)) > 1
+        assert sum(counts) == uniform_total(0.3, trace.num_layers, trace.prompt_length)
+        assert arr(trace_data(heat, "layer budget")["x"]).tolist() == counts
+        assert "A budget per layer" in explain and "on average" in status
+
+
+def test_the_method_menus_offer_every_policy(server):
+    config = app.demo.get_config_file()
+    def choices(elem_id):
+        component = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
+        return [value for _, value in component["props"]["choices"]], component["props"]["value"]
+    explore, default = choices("method")
+    assert explore == list(elastic.METHODS) and {"prefixkv", "vlcache", "lookm"} <= set(explore)
+    assert default == app.DEFAULT_METHOD
+    compare, ticked = choices("compare-methods")
+    assert compare == [m for m in elastic.METHODS if m != "full"] and {"prefixkv", "vlcache", "lookm"} <= set(compare)
+    assert ticked == ["elastic", "h2o"]  # the defaults stay two quick methods
+
+
+def test_compare_runs_the_new_methods_with_their_budgets_per_layer(server, images):
+    client = Client(server.url, verbose=False)
+    _, payload, lengths, budgets = client.predict(handle_file(str(images["red"])), "what colour ?", 0.3, 4,
+                                                  ["lookm", "vlcache", "prefixkv"], api_name="/compare")
+    assert list(payload["answers"]) == ["full", "prefixkv", "vlcache", "lookm"]
+    assert all(payload["answers"][m].strip() for m in payload["answers"])
+    budgets = figure(budgets)
+    assert [t["name"] for t in budgets["data"]] == ["PrefixKV", "VL-Cache", "LOOK-M", "uniform budget"]
+    T = payload["metrics"]["full"]["prompt_tokens"]
+    picture = elastic.load_image(str(images["red"]))
+    for method in ("prefixkv", "vlcache", "lookm"):
+        drawn = arr(trace_data(budgets, viz.method_name(method))["y"]).tolist()
+        if method == "lookm":  # the same budget in every layer
+            assert drawn == [math.ceil(Fraction(3, 10) * T)] * len(drawn)
+        else:  # a budget per layer, all layers together budget x the full cache
+            assert sum(drawn) == uniform_total(0.3, len(drawn), T)
+        # The same prefill run directly through the library keeps the same entries per layer.
+        direct = elastic.generate(server.model, app.MODEL.processor, picture, "what colour ?", method=method,
+                                  budget=0.3, max_new_tokens=1).trace
+        assert drawn == kept_counts(direct)
+        assert (len(set(drawn)) > 1) == (method != "lookm")
+    assert arr(trace_data(budgets, "uniform budget")["y"]).tolist() == [math.ceil(Fraction(3, 10) * T)] * 2
+    assert [t["name"] for t in figure(lengths)["data"]] == ["Full cache", "PrefixKV", "VL-Cache", "LOOK-M"]
+
+
 def test_stop_ends_the_generation_and_keeps_what_was_written(server, images):
     client = Client(server.url, verbose=False)
     natural = chat(client, images["red"], "Describe the image in detail.", method="full", max_new_tokens=200)[-1]
@@ -240,8 +327,8 @@ def test_a_chat_whose_client_leaves_stops_generating(server, images):
 # -- compare --------------------------------------------------------------------------------------
 def test_compare_endpoint_returns_answers_and_metrics(server, images):
     client = Client(server.url, verbose=False)
-    html, payload, lengths = client.predict(handle_file(str(images["red"])), "what is in the image ?", 0.3, 10,
-                                            api_name="/compare")
+    html, payload, lengths, budgets = client.predict(handle_file(str(images["red"])), "what is in the image ?", 0.3,
+                                                     10, api_name="/compare")
     assert set(payload["answers"]) == {"full", "elastic", "h2o"}
     assert all(text.strip() for text in payload["answers"].values())
     metrics = payload["metrics"]
@@ -253,19 +340,25 @@ def test_compare_endpoint_returns_answers_and_metrics(server, images):
     assert html.count('class="ec-answer"') == 3 and "ROUGE-L" in html
     names = [t["name"] for t in figure(lengths)["data"]]
     assert names == ["Full cache", "Elastic Cache", "H2O"]
+    # Entries kept per layer after the prefill: the full cache left out, the uniform budget drawn.
+    bars = figure(budgets)["data"]
+    assert [t["name"] for t in bars] == ["Elastic Cache", "H2O", "uniform budget"]
+    T = metrics["full"]["prompt_tokens"]
+    uniform = -(-3 * T // 10)  # ceil(0.3 * T), exactly
+    assert all(arr(t["y"]).tolist() == [uniform] * len(arr(t["x"])) for t in bars[:2])
 
 
 def test_compare_can_add_local(server, images):
     client = Client(server.url, verbose=False)
-    _, payload, _ = client.predict(handle_file(str(images["blue"])), "what colour ?", 0.5, 4, ["elastic", "h2o", "local"],
-                                   api_name="/compare")
+    _, payload, *_ = client.predict(handle_file(str(images["blue"])), "what colour ?", 0.5, 4,
+                                    ["elastic", "h2o", "local"], api_name="/compare")
     assert set(payload["answers"]) == {"full", "elastic", "h2o", "local"}
 
 
 def test_compare_runs_the_chosen_methods(server, images):
     client = Client(server.url, verbose=False)
-    _, payload, lengths = client.predict(handle_file(str(images["red"])), "what colour ?", 0.5, 4,
-                                         ["tova", "snapkv"], api_name="/compare")
+    _, payload, lengths, _ = client.predict(handle_file(str(images["red"])), "what colour ?", 0.5, 4,
+                                            ["tova", "snapkv"], api_name="/compare")
     assert list(payload["answers"]) == ["full", "snapkv", "tova"]  # full first: it is the reference
     assert [t["name"] for t in figure(lengths)["data"]] == ["Full cache", "SnapKV", "TOVA"]
     with pytest.raises(AppError, match="mystery.* is not in the list of choices"):  # gradio's own check
@@ -396,8 +489,8 @@ def test_a_request_stops_at_the_time_limit(server, images, monkeypatch):
         start = time.perf_counter()
         out = chat(client, images["red"], "Describe the image in detail.", method="full", max_new_tokens=500)[-1]
         elapsed = time.perf_counter() - start
-        _, payload, _ = client.predict(handle_file(str(images["red"])), "Describe the image.", 0.5, 500,
-                                       api_name="/compare")
+        _, payload, *_ = client.predict(handle_file(str(images["red"])), "Describe the image.", 0.5, 500,
+                                        api_name="/compare")
     assert "time limit of 3 s" in out[2] and elapsed < 15
     assert session_trace(client).decode_steps < 499
     assert "full" in payload["answers"] and len(payload["answers"]) < 3
@@ -419,7 +512,7 @@ def test_a_full_queue_says_busy(server, images):
                 clients[2].predict(message, [], "full", 1.0, 1, -8, 4, 0, api_name="/chat")
             # Events that do not wait for the model still get through: a finished answer's
             # figures, and Stop.
-            assert len(clients[2].predict(0, api_name="/panel")) == 10
+            assert len(clients[2].predict(0, api_name="/panel")) == 11  # eight figures and texts, three sliders
             clients[0].predict(api_name="/stop")
             assert "Stopped after" in running.result()[2]
         finally:
@@ -487,7 +580,7 @@ def test_stop_ends_a_compare_with_the_answers_so_far(server, images):
         wait_until(lambda: app.GENERATING, 60)
         time.sleep(0.5)
         client.predict(api_name="/stop")
-        _, payload, _ = job.result()
+        _, payload, *_ = job.result()
     assert list(payload["answers"]) == ["full"] and payload["answers"]["full"].strip()
     assert payload["metrics"]["full"]["new_tokens"] < 500
     assert any("Ended by Stop" in w and "not run: Elastic Cache, H2O" in w for w in payload["warnings"])
