@@ -435,7 +435,7 @@ def test_layered_fixture_has_uneven_budgets(layered):
         t = layered[key]
         counts = [kept_count(t, l) for l in range(t.num_layers)]
         assert t.budgets_per_layer and len(set(counts)) > 1, (key, counts)
-        assert sum(counts) == t.num_layers * UNIFORM  # all layers together: the uniform total
+        assert sum(counts) == math.ceil(Fraction(3, 10) * t.num_layers * T)  # all layers: budget x the full cache
     assert layered["prefixkv-ratios"].fixed_point is not None and len(layered["vlcache"].evictions) > 0
     assert not layered["lookm"].budgets_per_layer and layered["lookm"].per_head
     # A mean over layers of different lengths is not a whole number.
@@ -480,8 +480,8 @@ def test_layer_budgets_compare_has_one_series_per_method(layered):
     # The title names the layers that keep most and least, from the counts.
     counts = [kept_count(traces["prefixkv"], l) for l in range(3)]
     most, least = int(np.argmax(counts)), int(np.argmin(counts))
-    assert f"PrefixKV: layer {most} keeps most ({max(counts)}), layer {least} least ({min(counts)})" in \
-        fig.layout.title.text
+    assert (f"PrefixKV: layer {most} keeps most ({max(counts)}), layer {least} least ({min(counts)}), "
+            f"{sum(counts)} in all (the uniform budget: 3 &times; {UNIFORM} = {3 * UNIFORM})") in fig.layout.title.text
     assert "VL-Cache: layer" in fig.layout.title.text and "Elastic" not in fig.layout.title.text
     # The full cache alone is drawn (every layer keeps everything).
     alone = viz.layer_budgets_figure({"full": layered["full"]})

@@ -65,7 +65,12 @@ def layer_budgets_figure(traces, layer: int | None = None, height: int = 320) ->
             hover.append(line)
         if trace.budgets_per_layer:
             most, least = max(range(len(kept)), key=kept.__getitem__), min(range(len(kept)), key=kept.__getitem__)
-            uneven.append(f"{name}: layer {most} keeps most ({kept[most]}), layer {least} least ({kept[least]})")
+            together = ""
+            if trace.budget_entries is not None:
+                together = (f", {sum(kept)} in all (the uniform budget: {len(kept)} &times; {trace.budget_entries} = "
+                            f"{len(kept) * trace.budget_entries})")
+            uneven.append(f"{name}: layer {most} keeps most ({kept[most]}), layer {least} least ({kept[least]})"
+                          + together)
         fig.add_trace(go.Bar(
             name=name, x=list(range(trace.num_layers)), y=kept,
             customdata=[[r, -1 if b is None else int(b), T] for r, b in zip(ratios, allowed)],
@@ -86,7 +91,7 @@ def layer_budgets_figure(traces, layer: int | None = None, height: int = 320) ->
         fig.add_shape(type="rect", xref="x", yref="paper", x0=layer - 0.5, x1=layer + 0.5, y0=0, y1=1,
                       fillcolor=GRID, line=dict(width=0), layer="below", name="selected layer")
     if uneven:
-        subtitle = "; ".join(uneven) + ". All layers together keep what the uniform budget allows."
+        subtitle = "; ".join(uneven)
     elif first is not None:
         subtitle = (f"every layer keeps the same number of entries"
                     + (" (pick PrefixKV or VL-Cache for a budget per layer)" if len(traces) == 1 else ""))
