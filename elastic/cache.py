@@ -501,6 +501,11 @@ class PolicyCache(Cache):
         ]
         decode_rule = getattr(policy, "decode", "fixed-point")
 
+        def fixed_point(layer) -> int | None:  # N_tl: each layer's own when the layers' lengths differ
+            if not hasattr(policy, "fixed_point") or decode_rule != "fixed-point":
+                return None
+            return policy.fixed_point(layer.prompt_entries, layer.prompt_length)
+
         def trace_of(row: int, head: int | None) -> Trace:
             evictions = np.array([(s, l, p[row]) for s, l, p in rows], dtype=np.int64).reshape(-1, 3)
             layer_traces = [
@@ -510,6 +515,7 @@ class PolicyCache(Cache):
                     group=g[row].astype(np.int64),
                     budget=policy.budget if layer.budget is None else layer.budget,
                     budget_entries=keep_count(policy.budget if layer.budget is None else layer.budget, T, 0),
+                    fixed_point=fixed_point(layer),
                 )
                 for s, g, layer in zip(scores, groups, layers)
             ]
@@ -525,8 +531,7 @@ class PolicyCache(Cache):
                 lengths=self.lengths,
                 layer_lengths=layer_lengths,
                 tokens_seen=first.seen,
-                fixed_point=policy.fixed_point(first.prompt_entries, first.prompt_length)
-                if hasattr(policy, "fixed_point") and decode_rule == "fixed-point" else None,
+                fixed_point=fixed_point(first),
                 bytes_per_entry=int(per_entry),
                 budget_entries=keep_count(policy.budget, T, 0),
                 options=policy.options(),

@@ -35,6 +35,9 @@ class LayerTrace:
         budget per layer (PrefixKV, VL-Cache).
     budget_entries : int or None
         ``ceil(budget * T)`` for this layer's budget: the entries it may keep after the prefill.
+    fixed_point : int or None
+        This layer's fixed eviction slot N_tl (Elastic, PrefixKV), None for other rules; it
+        differs between layers only when their budgets do.
     """
 
     scores: np.ndarray | None
@@ -42,6 +45,7 @@ class LayerTrace:
     group: np.ndarray
     budget: float | None = None
     budget_entries: int | None = None
+    fixed_point: int | None = None
 
     @property
     def merged(self) -> np.ndarray:
@@ -82,7 +86,8 @@ class Trace:
     tokens_seen : int
         Tokens fed through the model so far (prompt plus decoded inputs).
     fixed_point : int or None
-        Elastic's eviction index N_tl (slot index in the cache), None for other methods.
+        Elastic's eviction index N_tl (slot index in the cache) of layer 0, None for other
+        methods (each layer's own: ``layers[l].fixed_point``).
     bytes_per_entry : int
         Bytes of K and V, all layers, for one cache entry of this sequence.
     budget_entries : int or None

@@ -536,15 +536,18 @@ def test_timeline_follows_the_layers_own_length(layered, key, layer):
         assert fig.layout.yaxis.title.text == "entries per layer"
 
 
-def test_timeline_draws_n_tl_only_where_the_trace_recorded_it(layered):
-    # The trace holds one N_tl, layer 0's: a PrefixKV layer that kept another number of
-    # prompt entries evicts elsewhere, so no line is drawn there.
+def test_timeline_draws_each_layers_own_n_tl(layered):
+    # A PrefixKV layer that kept another number of prompt entries evicts at another slot:
+    # N_tl = kept + distance (never a sink), the layer's own.
     t = layered["prefixkv-ratios"]
     def hlines(layer):
         fig = viz.cache_timeline(t, layer=layer)
         return [s.y0 for s in fig.layout.shapes if s.type == "line" and s.y0 == s.y1]
     assert kept_count(t, 0) != kept_count(t, 2)
-    assert hlines(0) == [t.fixed_point] and hlines(2) == []
+    for layer in (0, 2):
+        expected = max(min(t.start_size, t.prompt_length), kept_count(t, layer) + t.distance)
+        assert hlines(layer) == [expected] == [t.layers[layer].fixed_point]
+    assert t.fixed_point == t.layers[0].fixed_point
 
 
 def test_lengths_figure_keeps_the_mean_over_layers(layered):

@@ -80,11 +80,7 @@ def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int =
         hovertemplate="%{hovertext}<extra></extra>", mode="markers",
         marker=dict(symbol="x-thin", size=9, color=DROPPED_COLOUR, line=dict(color=DROPPED_COLOUR, width=2)),
     ), row=1, col=1)
-    # The trace records one N_tl (layer 0's). With a budget per layer a layer that kept a
-    # different number of prompt entries evicts at another slot, which is not recorded.
-    fixed_point = trace.fixed_point
-    if fixed_point is not None and per_layer and len(lt.kept) != len(trace.layers[0].kept):
-        fixed_point = None
+    fixed_point = trace.fixed_point if lt.fixed_point is None else lt.fixed_point  # this layer's own N_tl
     if fixed_point is not None:
         # Slots below N_tl (the compressed prompt head) are never evicted while decoding.
         fig.add_hrect(y0=0, y1=fixed_point, fillcolor=SPAN_COLOURS["image"], opacity=0.08, line_width=0,

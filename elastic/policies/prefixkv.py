@@ -18,7 +18,8 @@ class PrefixKVPolicy(Policy):
     queries, mean over heads) and keeps a *prefix* of its positions sorted by score. How
     long a prefix is set per layer: one threshold ``p`` on the cumulative share of each
     layer's attention mass is shared by all layers, and searched so that all layers
-    together keep the budget's total, ``layers x ceil(budget * T)`` entries. A layer whose
+    together keep the budget's total, ``ceil(budget * layers * T)`` entries
+    (:func:`elastic.budget.layer_total`). A layer whose
     attention is concentrated reaches ``p`` with few entries and gives the rest of its
     budget to layers whose attention is spread out. Entries are evicted, not merged; the
     ``start_size`` sinks and the last prompt token are always kept. While decoding, a layer

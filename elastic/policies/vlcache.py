@@ -21,7 +21,7 @@ class VLCachePolicy(Policy):
     attention weights below ``threshold`` (1%) of their row's maximum, averaged over rows
     and heads. Dense layers get more: the budget of layer ``l`` is
     ``clamp((1 - s_l) / sum(1 - s) * budget * L, min_ratio, 1)``, renormalised so the total
-    is the uniform rule's (``layers x ceil(budget * T)`` entries). A layer keeps its last
+    is the budget's (``ceil(budget * layers * T)`` entries, :func:`elastic.budget.layer_total`). A layer keeps its last
     ``recent_ratio`` of its budget as a recent window and the top-scoring rest.
 
     Parameters
