@@ -13,10 +13,16 @@ The paper's protocol (SPEC 1d):
   over the data set: ``exp(sum of NLL / number of answer tokens)``.
 * ROUGE-L: F1 of each method's greedy generation against the full-cache greedy generation.
 
-Each (method, budget) result is saved under ``OUT/parts/`` as soon as it is done, so an
-interrupted run resumes where it stopped. ``OUT`` also gets ``results.json``,
-``results.csv`` and ``figure.html`` (plotly.js embedded, opens offline; PNG too when
-plotly can export it: ``kaleido``).
+Each sample's result is saved under ``OUT/parts/`` as soon as it is done (each (method,
+budget) pair becomes one file when all its samples are), so an interrupted run resumes where
+it stopped. ``OUT`` also gets ``results.json``, ``results.csv`` and ``figure.html``
+(plotly.js embedded, opens offline; PNG too when plotly can export it: ``kaleido``).
+
+Several processes share the samples, one device each, and write the same files
+(:mod:`elastic.distributed`, docs/evaluation.md)::
+
+    accelerate launch --multi_gpu --num_processes 2 -m elastic.evaluate --device cpu --out runs/eval
+    accelerate launch --num_processes 8 -m elastic.evaluate --out runs/eval   # 8 GPUs
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import datasets
+from . import datasets, distributed
 from .cache import make_cache
 from .policies import METHODS
 from .metrics import perplexity, rouge_l
@@ -135,32 +142,31 @@ def teacher_forced_nll(model, inputs: dict, answer: torch.Tensor, cache) -> tupl
 # ---------------------------------------------------------------- one (method, budget)
 
 
-def evaluate_pair(model, processor, samples, method: str, budget: float, references: list[str] | None,
-                  params: dict, max_new_tokens: int, progress=None) -> dict:
-    """PPL and ROUGE-L of one method at one budget over ``samples``.
+def evaluate_sample(model, processor, sample, method: str, budget: float, reference: str | None, params: dict,
+                    max_new_tokens: int) -> dict:
+    """PPL and ROUGE-L of one method at one budget on one sample: its row of a part.
 
-    ``references`` are the full cache's generations (None when evaluating the full cache
-    itself: its generations are the references, ROUGE-L 1.0 by definition of the metric).
-    Returns ``{"record": ..., "samples": [...]}``.
+    ``reference`` is the full cache's generation (None when evaluating the full cache itself:
+    its generation is the reference, ROUGE-L 1.0 by definition of the metric).
     """
     from .generation import generate
 
-    rows, start = [], time.perf_counter()
-    for k, sample in enumerate(samples):
-        inputs, answer, annotations = _prepare(model, processor, sample)  # per pair: cheap, no inputs held
-        cache = make_cache(method, budget=budget, **params)
-        cache.annotate(spans=annotations["spans"])
-        nll, n = teacher_forced_nll(model, inputs, answer, cache)
-        kept = cache.lengths[-1] / (inputs["input_ids"].shape[1] + n - 1)
-        text = generate(model, processor, sample.load_image(), sample.messages, method=method, budget=budget,
-                        max_new_tokens=max_new_tokens, **params).text
-        reference = text if references is None else references[k]
-        rows.append({"id": sample.id, "nll": nll, "tokens": n, "ppl": math.exp(nll / n), "kv_kept": kept,
-                     "text": text, "rouge_l": rouge_l(text, reference)})
-        if progress is not None:
-            progress.update(1)
+    inputs, answer, annotations = _prepare(model, processor, sample)  # per evaluation: cheap, no inputs held
+    cache = make_cache(method, budget=budget, **params)
+    cache.annotate(spans=annotations["spans"])
+    nll, n = teacher_forced_nll(model, inputs, answer, cache)
+    kept = cache.lengths[-1] / (inputs["input_ids"].shape[1] + n - 1)
+    text = generate(model, processor, sample.load_image(), sample.messages, method=method, budget=budget,
+                    max_new_tokens=max_new_tokens, **params).text
+    reference = text if reference is None else reference
+    return {"id": sample.id, "nll": nll, "tokens": n, "ppl": math.exp(nll / n), "kv_kept": kept,
+            "text": text, "rouge_l": rouge_l(text, reference)}
+
+
+def summarize(method: str, budget: float, rows: list[dict], seconds: float) -> dict:
+    """The record of one (method, budget) from its per-sample rows, in the samples' order."""
     total_nll, total_tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
-    record = {
+    return {
         "method": method,
         "budget": budget,
         "ppl": perplexity(total_nll, total_tokens),
@@ -169,9 +175,24 @@ def evaluate_pair(model, processor, samples, method: str, budget: float, referen
         "tokens": total_tokens,
         "ppl_mean": sum(r["ppl"] for r in rows) / len(rows),
         "kv_kept": sum(r["kv_kept"] for r in rows) / len(rows),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
     }
-    return {"record": record, "samples": rows}
+
+
+def evaluate_pair(model, processor, samples, method: str, budget: float, references: list[str] | None,
+                  params: dict, max_new_tokens: int, progress=None) -> dict:
+    """PPL and ROUGE-L of one method at one budget over ``samples``.
+
+    ``references`` are the full cache's generations (None when evaluating the full cache
+    itself). Returns ``{"record": ..., "samples": [...]}``.
+    """
+    rows, start = [], time.perf_counter()
+    for k, sample in enumerate(samples):
+        rows.append(evaluate_sample(model, processor, sample, method, budget,
+                                    None if references is None else references[k], params, max_new_tokens))
+        if progress is not None:
+            progress.update(1)
+    return {"record": summarize(method, budget, rows, time.perf_counter() - start), "samples": rows}
 
 
 # ---------------------------------------------------------------- the whole grid
@@ -197,14 +218,58 @@ def _part_path(out: Path, name: str, budget: float) -> Path:
     return out / "parts" / f"{name}-{budget:.3f}.json"
 
 
+def _row_path(out: Path, name: str, budget: float, k: int) -> Path:
+    """Where sample ``k``'s row of a pair waits until the pair is whole (under any process count)."""
+    return _part_path(out, name, budget).with_suffix("") / f"{k:05d}.json"
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write ``path`` at once: a process killed mid-write leaves no half file to resume from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, or not ours: recompute it
+        return None
+
+
+def _saved_parts(out: Path, variants, fingerprint: dict) -> dict:
+    """The whole pairs an earlier run saved under the same settings: ``{(name, budget): part}``."""
+    done = {}
+    for name, _, budget, options in variants:
+        part = _read_json(_part_path(out, name, budget))
+        if part and part.get("config") == fingerprint and part["record"].get("options", {}) == options:
+            done[(name, budget)] = part
+    return done
+
+
+def _saved_rows(out: Path, variants, fingerprint: dict, samples) -> dict:
+    """The single rows saved under the same settings: ``{(name, budget): {k: (row, seconds)}}``."""
+    rows = {}
+    for name, _, budget, options in variants:
+        found = rows[(name, budget)] = {}
+        for path in _part_path(out, name, budget).with_suffix("").glob("*.json"):
+            k, saved = int(path.stem) if path.stem.isdigit() else -1, _read_json(path)
+            if (saved and 0 <= k < len(samples) and saved.get("config") == fingerprint
+                    and saved.get("options") == options and saved["row"].get("id") == samples[k].id):
+                found[k] = (saved["row"], saved["seconds"])
+    return rows
+
+
 def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out=None, model_name="model",
         data="synthetic", max_new_tokens: int = 160, start_size: int = 1, distance: int = -25,
         positions: str = "true", resume: bool = True, progress: bool = True) -> list[dict]:
     """Evaluate every (method, budget) pair; the full cache once, at budget 1.0.
 
     The full cache is always evaluated (its generations are the ROUGE-L references) and
-    comes first in the returned records. With ``out`` each pair is saved as it finishes
-    and, with ``resume``, pairs already saved under the same settings are not recomputed.
+    comes first in the returned records. With ``out`` each sample's result is saved as it
+    finishes and, with ``resume``, results already saved under the same settings are not
+    recomputed. Under a launcher every process returns the records; the main one writes them.
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -216,7 +281,7 @@ def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out
     parts = run_variants(model, processor, samples, variants, out, model_name, data, max_new_tokens, params,
                          resume, progress)
     records = [part["record"] for part in parts]
-    if out is not None:
+    if out is not None and distributed.state(cpu=model.device.type == "cpu").is_main_process:
         write_outputs(records, out)
     return records
 
@@ -227,38 +292,79 @@ def run_variants(model, processor, samples, variants, out=None, model_name="mode
     """Evaluate ``variants``, ``(name, method, budget, options)`` tuples, after the full cache.
 
     ``params`` go to every policy, ``options`` to one variant's. Returns the parts (record
-    and per-sample rows), full cache first; saved and resumed under ``out/parts/NAME-BUDGET.json``.
+    and per-sample rows), full cache first, saved and resumed under ``out/parts/NAME-BUDGET.json``.
+
+    Each sample's row is saved under ``out/parts/NAME-BUDGET/K.json`` as soon as it is done;
+    when all are, they become the pair's part and are removed. Under a launcher
+    (``accelerate launch``, ``torchrun``: :mod:`elastic.distributed`) the samples still to do
+    are shared among the processes and the main process writes the parts, the same files as
+    one process writes; the rows are per sample, so a run stopped under one process count
+    resumes under any other.
     """
     params = dict(params or {"start_size": 1, "distance": -25})
     fingerprint = _fingerprint(model, model_name, data, samples, params, max_new_tokens)
     variants = [("full", "full", 1.0, {})] + [v for v in variants if v[0] != "full"]
     out = Path(out) if out is not None else None
-    done = {}
-    for name, method, budget, options in variants:
-        path = _part_path(out, name, budget) if out is not None else None
-        if resume and path is not None and path.is_file():
-            part = json.loads(path.read_text())
-            if part.get("config") == fingerprint and part["record"].get("options", {}) == options:
-                done[(name, budget)] = part
-    todo = [v for v in variants if (v[0], v[2]) not in done]
-    bar = tqdm(total=len(todo) * len(samples), desc="evaluate", unit="sample", disable=not progress)
-    references = [r["text"] for r in done[("full", 1.0)]["samples"]] if ("full", 1.0) in done else None
-    for name, method, budget, options in todo:
+    current = distributed.state(cpu=model.device.type == "cpu")
+    world = current.num_processes
+    if world > 1 and out is None:
+        raise ValueError("several processes share their results through files: pass an output folder")
+    saved = resume and out is not None
+    done = _saved_parts(out, variants, fingerprint) if saved else {}
+    left = [v for v in variants if (v[0], v[2]) not in done]
+    rows = _saved_rows(out, left, fingerprint, samples) if saved else {(v[0], v[2]): {} for v in left}
+    todo = [k for k in range(len(samples)) if any(k not in got for got in rows.values())]
+    distributed.wait(current)  # all have looked before any writes: every process must share out the same todo
+    mine = distributed.shard(todo, current)
+    jobs = [(v, k) for v in left for k in mine if k not in rows[(v[0], v[2])]]
+    if world > 1:
+        print(f"process {current.process_index}/{world}: {len(mine)} samples, {len(jobs)} evaluations to do",
+              flush=True)
+    full = done.get(("full", 1.0), {}).get("samples")
+    bar = tqdm(total=len(jobs), desc="evaluate", unit="sample", disable=not progress or not current.is_main_process)
+    for (name, method, budget, options), k in jobs:  # the full cache first: its texts are the references
         bar.set_postfix_str(f"{name} {budget:g}")
-        part = evaluate_pair(model, processor, samples, method, budget, references, {**params, **options},
-                             max_new_tokens, bar)
-        part["config"] = fingerprint
+        reference = None if method == "full" else (full[k] if full else rows[("full", 1.0)][k][0])["text"]
+        start = time.perf_counter()
+        row = evaluate_sample(model, processor, samples[k], method, budget, reference, {**params, **options},
+                              max_new_tokens)
+        seconds = time.perf_counter() - start
+        rows[(name, budget)][k] = row, seconds
+        if out is not None:
+            _write_json(_row_path(out, name, budget, k),
+                        {"config": fingerprint, "options": options, "row": row, "seconds": seconds})
+        bar.update(1)
+    bar.close()
+    distributed.wait(current)
+    if world > 1:  # the other processes' rows
+        rows = _saved_rows(out, left, fingerprint, samples)
+    parts, new = [], []
+    for name, method, budget, options in variants:
+        if (name, budget) in done:
+            parts.append(done[(name, budget)])
+            continue
+        got = rows[(name, budget)]
+        missing = [samples[k].id for k in range(len(samples)) if k not in got]
+        if missing:
+            raise RuntimeError(f"{name} at {budget:g}: no result for samples {missing} (did a process fail?)")
+        ordered = [got[k] for k in range(len(samples))]
+        sample_rows = [row for row, _ in ordered]
+        part = {"record": summarize(method, budget, sample_rows, sum(seconds for _, seconds in ordered)),
+                "samples": sample_rows, "config": fingerprint}
         if options:
             part["record"].update(variant=name, options=options)
-        if method == "full":
-            references = [r["text"] for r in part["samples"]]
-        done[(name, budget)] = part
-        if out is not None:
-            path = _part_path(out, name, budget)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(part, indent=1) + "\n")
-    bar.close()
-    return [done[(v[0], v[2])] for v in variants]
+        parts.append(part)
+        new.append((name, budget, part))
+    distributed.wait(current)  # all have read the rows before the main process removes them
+    if out is not None and current.is_main_process:
+        for name, budget, part in new:
+            _write_json(_part_path(out, name, budget), part)
+            folder = _part_path(out, name, budget).with_suffix("")
+            for path in folder.glob("*.json"):
+                path.unlink(missing_ok=True)
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    return parts
 
 
 # ---------------------------------------------------------------- outputs
@@ -404,7 +510,9 @@ def _main(args) -> list[dict]:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     samples = datasets.load(args.data, args.image_dir, args.samples)  # before the model: fail fast
-    model, processor = load_model(args.model, device=args.device)
+    current = distributed.state(cpu=(args.device or "").startswith("cpu"))  # one process without a launcher
+    distributed.split_threads(current)
+    model, processor = load_model(args.model, device=distributed.device(current, args.device))
     name = args.model or DEFAULT_MODEL
     if args.ablation:
         from . import ablation
@@ -413,16 +521,18 @@ def _main(args) -> list[dict]:
         parts = run_variants(model, processor, samples, ablation.variants(args.ablation, (budgets or [0.5])[0]),
                              out, name, args.data, args.max_new_tokens, _params(args), resume=not args.fresh)
         rows = ablation.table(parts, args.ablation)
-        print(ablation.markdown(rows))
-        path = ablation.write(rows, out, args.ablation)
-        print(f"wrote {path} and {path.with_suffix('.json').name}")
+        if current.is_main_process:
+            print(ablation.markdown(rows))
+            path = ablation.write(rows, out, args.ablation)
+            print(f"wrote {path} and {path.with_suffix('.json').name}")
         return rows
     out = args.out or "runs/eval"
     records = run(model, processor, samples, methods, budgets or DEFAULT_BUDGETS, out=out, model_name=name,
                   data=args.data, max_new_tokens=args.max_new_tokens, start_size=args.start_size,
                   distance=args.distance, positions=args.positions, resume=not args.fresh)
-    print(markdown_table(records))
-    print(f"wrote {out}/results.json, results.csv, figure.html")
+    if current.is_main_process:
+        print(markdown_table(records))
+        print(f"wrote {out}/results.json, results.csv, figure.html")
     return records
 
 

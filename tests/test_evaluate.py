@@ -148,7 +148,7 @@ def test_run_grid_outputs_and_resume(llava, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("recomputed a saved pair")
 
-    monkeypatch.setattr(evaluate, "evaluate_pair", boom)
+    monkeypatch.setattr(evaluate, "evaluate_sample", boom)
     again = evaluate.run(model, processor, samples, methods=("elastic",), budgets=(0.5, 1.0),
                          out=tmp_path, max_new_tokens=6, progress=False)
     assert again == records
