@@ -3,6 +3,7 @@ without KV compression.
 
     python -m elastic.tiny.evaluate --seed 0 --n 200
     python -m elastic.tiny.evaluate --seed 0 --n 200 --method elastic --budget 0.3
+    accelerate launch --multi_gpu --num_processes 2 -m elastic.tiny.evaluate --n 200 --threads 2   # 2 CPU processes
 
 For each scene the model greedily describes the image ("Describe the image in
 detail.") and answers three questions, each in a fresh single-turn chat. The
@@ -91,9 +92,54 @@ def generate(model, processor, image, question: str, max_new_tokens: int = 128, 
     prompt = processor.apply_chat_template(chat_messages([(question, "")], add_answer_last=False),
                                            add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
+    inputs = inputs.to(model.device)  # a no-op on the CPU
     kwargs = {} if cache is None else {"cache": cache}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _new_cache(model, method: str, budget: float):
+    """A function returning a fresh cache for one generation (None for the full cache)."""
+    if method == "full":
+        return lambda: None  # let generate build its own
+    import elastic  # lazy: elastic.tiny must not need the rest of the library
+
+    elastic.attach(model)
+    return lambda: elastic.make_cache(method, budget=budget)
+
+
+def score_scene(model, processor, seed: int, method: str = "full", budget: float = 1.0,
+                qa_per_scene: int = 3) -> dict:
+    """One scene's counts: ``{"description": score_description(...), "qa": {kind: [right, asked]}}``."""
+    new_cache = _new_cache(model, method, budget)
+    scene = make_scene(seed)
+    image = render(scene)
+    text = generate(model, processor, image, DESCRIBE_PROMPT, cache=new_cache())
+    qa = defaultdict(lambda: [0, 0])
+    for kind, question, answer in eval_questions(scene, qa_per_scene):
+        pred = generate(model, processor, image, question, max_new_tokens=64, cache=new_cache())
+        qa[kind][0] += pred == answer
+        qa[kind][1] += 1
+    return {"description": dict(score_description(scene, text)), "qa": dict(qa)}
+
+
+def summarize(scores: list[dict]) -> dict:
+    """Accuracies over scenes from their :func:`score_scene` counts (sums: any order gives the same)."""
+    totals, qa = defaultdict(int), defaultdict(lambda: [0, 0])
+    for score in scores:
+        for k, v in score["description"].items():
+            totals[k] += v
+        for kind, (right, asked) in score["qa"].items():
+            qa[kind][0] += right
+            qa[kind][1] += asked
+    n_obj, n = totals["objects"], len(scores)
+    result = {f: totals[f] / n_obj for f in ("colour", "shape", "size", "position")}
+    result.update({f: totals[f] / n for f in ("count", "background", "exact")})
+    result["precision"] = 1 - totals["hallucinated"] / max(1, totals["predicted"])
+    result["qa_by_kind"] = {k: c / t for k, (c, t) in sorted(qa.items())}
+    result["qa"] = sum(c for c, _ in qa.values()) / max(1, sum(t for _, t in qa.values()))
+    result["accuracy"] = totals["all"] / n_obj
+    return result
 
 
 def evaluate(model, processor, seeds, method: str = "full", budget: float = 1.0, qa_per_scene: int = 3,
@@ -103,32 +149,9 @@ def evaluate(model, processor, seeds, method: str = "full", budget: float = 1.0,
     For ``method != "full"`` each generation gets a fresh
     ``elastic.make_cache(method, budget=budget)``.
     """
-    new_cache = lambda: None  # noqa: E731 - full cache: let generate build its own
-    if method != "full":
-        import elastic  # lazy: elastic.tiny must not need the rest of the library
-
-        elastic.attach(model)
-        new_cache = lambda: elastic.make_cache(method, budget=budget)  # noqa: E731
-    totals, qa = defaultdict(int), defaultdict(lambda: [0, 0])
     seeds = list(seeds)
-    for seed in tqdm(seeds, desc=f"eval {method}", disable=not progress, mininterval=5):
-        scene = make_scene(seed)
-        image = render(scene)
-        text = generate(model, processor, image, DESCRIBE_PROMPT, cache=new_cache())
-        for k, v in score_description(scene, text).items():
-            totals[k] += v
-        for kind, question, answer in eval_questions(scene, qa_per_scene):
-            pred = generate(model, processor, image, question, max_new_tokens=64, cache=new_cache())
-            qa[kind][0] += pred == answer
-            qa[kind][1] += 1
-    n_obj, n = totals["objects"], len(seeds)
-    result = {f: totals[f] / n_obj for f in ("colour", "shape", "size", "position")}
-    result.update({f: totals[f] / n for f in ("count", "background", "exact")})
-    result["precision"] = 1 - totals["hallucinated"] / max(1, totals["predicted"])
-    result["qa_by_kind"] = {k: c / t for k, (c, t) in sorted(qa.items())}
-    result["qa"] = sum(c for c, _ in qa.values()) / max(1, sum(t for _, t in qa.values()))
-    result["accuracy"] = totals["all"] / n_obj
-    return result
+    return summarize([score_scene(model, processor, seed, method, budget, qa_per_scene)
+                      for seed in tqdm(seeds, desc=f"eval {method}", disable=not progress, mininterval=5)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,20 +163,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--method", default="full", help="full, elastic, h2o or local")
     ap.add_argument("--budget", type=float, default=0.5, help="KV budget (ignored for full)")
     ap.add_argument("--qa-per-scene", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="CPU threads (under a launcher: of this machine, split among its processes)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda (under a launcher with cuda: one GPU per process)")
     ap.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help="weight-only int8 language model")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    from .. import distributed
     from ..models import DEFAULT_MODEL, load_model
 
-    model, processor = load_model(args.model, device="cpu", quantize=args.quantize)
+    current = distributed.state(cpu=args.device.startswith("cpu"))  # one process without a launcher
+    torch.set_num_threads(distributed.split_threads(current, args.threads) or args.threads)
+    model, processor = load_model(args.model, device=distributed.device(current, args.device),
+                                  quantize=args.quantize)
     args.model = args.model or DEFAULT_MODEL
     budget = 1.0 if args.method == "full" else args.budget
     start = VAL_OFFSET + args.seed
     t0 = time.time()
-    r = evaluate(model, processor, range(start, start + args.n), args.method, budget, args.qa_per_scene)
+    seeds = distributed.shard(range(start, start + args.n), current)  # the scenes are independent
+    scores = [score_scene(model, processor, seed, args.method, budget, args.qa_per_scene)
+              for seed in tqdm(seeds, desc=f"eval {args.method}", disable=not current.is_main_process, mininterval=5)]
+    r = summarize(distributed.gather(scores, current))
+    if not current.is_main_process:
+        return
     quantized = " (int8)" if args.quantize else ""
     print(f"model={args.model}{quantized} method={args.method} budget={budget} scenes={args.n} "
           f"seeds={start}..{start + args.n - 1} time={time.time() - t0:.0f}s")
