@@ -263,8 +263,12 @@ def _saved_rows(out: Path, variants, fingerprint: dict, samples) -> dict:
 
 def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out=None, model_name="model",
         data="synthetic", max_new_tokens: int = 160, start_size: int = 1, distance: int = -25,
-        positions: str = "true", resume: bool = True, progress: bool = True) -> list[dict]:
+        positions: str = "true", resume: bool = True, progress: bool = True, calibrate: int = 0) -> list[dict]:
     """Evaluate every (method, budget) pair; the full cache once, at budget 1.0.
+
+    ``calibrate`` N > 0 adds ``prefixkv-calibrated``: PrefixKV with per-layer ratios
+    averaged over N calibration scenes at each budget (:mod:`elastic.calibrate`; synthetic
+    scenes no evaluation uses), as the paper ships them.
 
     The full cache is always evaluated (its generations are the ROUGE-L references) and
     comes first in the returned records. With ``out`` each sample's result is saved as it
@@ -278,12 +282,30 @@ def run(model, processor, samples, methods=METHODS, budgets=DEFAULT_BUDGETS, out
     params = {"start_size": start_size, "distance": distance}
     if positions != "true":  # only then: results saved before the switch existed still resume
         params["positions"] = positions
+    if calibrate:
+        variants += calibrated_variants(model, processor, methods, budgets, calibrate, params)
     parts = run_variants(model, processor, samples, variants, out, model_name, data, max_new_tokens, params,
                          resume, progress)
-    records = [part["record"] for part in parts]
+    records = [{**part["record"], "method": part["record"].get("variant", part["record"]["method"])}
+               for part in parts]
     if out is not None and distributed.state(cpu=model.device.type == "cpu").is_main_process:
         write_outputs(records, out)
     return records
+
+
+def calibrated_variants(model, processor, methods, budgets, n: int, params: dict) -> list[tuple]:
+    """``("prefixkv-calibrated", "prefixkv", budget, {"ratios": [...]})`` for every budget."""
+    from .calibrate import calibration_samples, prefixkv_ratios
+
+    if "prefixkv" not in methods:
+        raise ValueError("--calibrate calibrates PrefixKV's ratios: add prefixkv to --methods")
+    if n < 1:
+        raise ValueError(f"--calibrate needs at least 1 scene, got {n}")
+    scenes = calibration_samples(n)
+    policy = {k: v for k, v in params.items() if k != "positions"}
+    return [("prefixkv-calibrated", "prefixkv", float(b),
+             {"ratios": list(prefixkv_ratios(model, processor, scenes, float(b), progress=False, **policy))})
+            for b in budgets]  # a list, not a tuple: the options saved as JSON must compare equal on resume
 
 
 def run_variants(model, processor, samples, variants, out=None, model_name="model", data="synthetic",
@@ -471,6 +493,9 @@ def parse_args(argv=None):
     ap.add_argument("--start-size", type=int, default=1)
     ap.add_argument("--distance", type=int, default=-25)
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if available)")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="also PrefixKV with per-layer ratios calibrated on N scenes no evaluation uses "
+                         "(as prefixkv-calibrated; needs prefixkv in --methods)")
     ap.add_argument("--fresh", action="store_true", help="ignore saved parts and recompute everything")
     return ap.parse_args(argv)
 
@@ -529,7 +554,8 @@ def _main(args) -> list[dict]:
     out = args.out or "runs/eval"
     records = run(model, processor, samples, methods, budgets or DEFAULT_BUDGETS, out=out, model_name=name,
                   data=args.data, max_new_tokens=args.max_new_tokens, start_size=args.start_size,
-                  distance=args.distance, positions=args.positions, resume=not args.fresh)
+                  distance=args.distance, positions=args.positions, resume=not args.fresh,
+                  calibrate=args.calibrate)
     if current.is_main_process:
         print(markdown_table(records))
         print(f"wrote {out}/results.json, results.csv, figure.html")

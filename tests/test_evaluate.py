@@ -343,3 +343,32 @@ def test_data_files_cannot_name_images_outside_the_image_folder(tmp_path):
     deep.write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(datasets.DatasetError, match="nested too deeply"):
         datasets.load(str(deep))
+
+
+def test_calibrated_prefixkv_joins_the_grid_and_resumes(llava, tmp_path, monkeypatch):
+    from elastic import calibrate
+
+    model, processor = llava
+    samples = _samples()[:2]
+    records = evaluate.run(model, processor, samples, methods=("prefixkv",), budgets=(0.5,), out=tmp_path,
+                           max_new_tokens=4, progress=False, calibrate=2)
+    assert [(r["method"], r["budget"]) for r in records] == [
+        ("full", 1.0), ("prefixkv", 0.5), ("prefixkv-calibrated", 0.5)]
+    expected = calibrate.prefixkv_ratios(model, processor, calibrate.calibration_samples(2), 0.5, progress=False,
+                                         start_size=1, distance=-25)
+    part = json.loads((tmp_path / "parts" / "prefixkv-calibrated-0.500.json").read_text())
+    assert part["record"]["options"] == {"ratios": list(expected)}
+    # The calibrated variant's PPL is PrefixKV's with those ratios, sample by sample.
+    for sample, row in zip(samples, part["samples"]):
+        inputs, answer, annotations = evaluate._prepare(model, processor, sample)
+        cache = elastic.make_cache("prefixkv", budget=0.5, start_size=1, distance=-25, ratios=expected)
+        cache.annotate(spans=annotations["spans"])
+        assert evaluate.teacher_forced_nll(model, inputs, answer, cache)[0] == pytest.approx(row["nll"], rel=1e-6)
+    assert "prefixkv-calibrated PPL" in evaluate.markdown_table(records)
+
+    monkeypatch.setattr(evaluate, "evaluate_sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = evaluate.run(model, processor, samples, methods=("prefixkv",), budgets=(0.5,), out=tmp_path,
+                         max_new_tokens=4, progress=False, calibrate=2)
+    assert again == records  # the ratios saved as JSON compare equal: resumed
+    with pytest.raises(ValueError, match="add prefixkv to --methods"):
+        evaluate.run(model, processor, samples, methods=("elastic",), budgets=(0.5,), calibrate=2)
