@@ -814,7 +814,8 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                                 overlay = gr.Plot(waiting, label="image", show_label=False, elem_id="overlay")
                             with gr.Tab("Cache over time") as t_timeline:
                                 timeline = gr.Plot(waiting, label="timeline", show_label=False, elem_id="timeline")
-                            with gr.Tab("Budget per layer") as t_budgets:
+                                # Below the timeline, not a tab of its own: a seventh tab would not fit a
+                                # 1280-pixel panel (gradio folds it, and "How it works", into a menu).
                                 budgets = gr.Plot(waiting, label="budget per layer", show_label=False,
                                                   elem_id="budgets")
                             with gr.Tab("How it works") as t_how:
@@ -877,7 +878,7 @@ def build(examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
                          api_name=False)
         # A plot drawn while its tab was hidden has no width to fit; a resize on showing the
         # tab makes plotly fit it to the visible column again.
-        for tab in (explore_tab, compare_tab, t_attention, t_groups, t_image, t_timeline, t_budgets, t_how):
+        for tab in (explore_tab, compare_tab, t_attention, t_groups, t_image, t_timeline, t_how):
             tab.select(None, None, None, js=RESIZE_JS, api_name=False, queue=False)
         blocks.unload(forget_session)
     return blocks
