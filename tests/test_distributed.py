@@ -22,6 +22,17 @@ TINY = ["--model", "tiny-llava", "--n", "2", "--qa-per-scene", "1", "--method", 
         "--threads", "1"]
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process runs use one thread, as every launched process does here (2 cores, 2
+    processes): the same reduction order, so the outputs can be compared exactly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
