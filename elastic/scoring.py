@@ -23,6 +23,26 @@ _waiting = threading.local()
 _PREFIX = "elastic_"
 
 
+def _causal_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | None, chunk: int):
+    """Yield ``(start, stop, end, probs, future)`` per chunk of query rows: the float32
+    causal softmax ``[B, H_kv, H / H_kv, stop - start, end]`` of rows ``start:stop`` (aligned
+    with the last ``q`` keys) over the keys ``:end`` they can see, and its ``[rows, end]`` mask."""
+    B, H, q, D = query.shape
+    S, H_kv = key.shape[-2], key.shape[1]
+    scaling = D ** -0.5 if scaling is None else scaling
+    key = key.float()
+    query = query.float().view(B, H_kv, H // H_kv, q, D)
+    offset = S - q  # query i sits at key index offset + i
+    cols = torch.arange(S, device=query.device)
+    for start in range(0, q, chunk):
+        stop = min(q, start + chunk)
+        end = offset + stop  # causal: keys past the chunk's last query get nothing, skip them
+        logits = torch.einsum("bgnqd,bgsd->bgnqs", query[:, :, :, start:stop], key[:, :, :end]) * scaling
+        rows = torch.arange(offset + start, end, device=query.device)
+        future = cols[None, :end] > rows[:, None]  # [chunk, end]
+        yield start, stop, end, logits.masked_fill_(future, float("-inf")).softmax(dim=-1), future
+
+
 def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | None = None,
                        chunk: int = 128, weights: torch.Tensor | None = None,
                        per_head: bool = False) -> torch.Tensor:
@@ -48,25 +68,12 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | 
     """
     B, H, q, D = query.shape
     S, H_kv = key.shape[-2], key.shape[1]
-    scaling = D ** -0.5 if scaling is None else scaling
-    groups = H // H_kv
-    key = key.float()
-    query = query.float().view(B, H_kv, groups, q, D)
-    offset = S - q  # query i sits at key index offset + i
     received = torch.zeros(B, H_kv, S, dtype=torch.float32, device=query.device)
-    cols = torch.arange(S, device=query.device)
-    for start in range(0, q, chunk):
-        stop = min(q, start + chunk)
-        end = offset + stop  # causal: keys past the chunk's last query get nothing, skip them
-        logits = torch.einsum("bgnqd,bgsd->bgnqs", query[:, :, :, start:stop], key[:, :, :end]) * scaling
-        rows = torch.arange(offset + start, end, device=query.device)
-        future = cols[None, :end] > rows[:, None]  # [chunk, end]
-        logits.masked_fill_(future, float("-inf"))
-        probs = logits.softmax(dim=-1)
+    for start, stop, end, probs, _ in _causal_softmax(query, key, scaling, chunk):
         if weights is not None:
             probs = probs * weights[start:stop].to(probs)[:, None]
         received[:, :, :end] += probs.sum(dim=(2, 3))
-    return received / groups if per_head else received.sum(dim=1) / H
+    return received / (H // H_kv) if per_head else received.sum(dim=1) / H
 
 
 def attention_sparsity(query: torch.Tensor, key: torch.Tensor, scaling: float | None = None,
@@ -78,23 +85,10 @@ def attention_sparsity(query: torch.Tensor, key: torch.Tensor, scaling: float | 
     rows and query heads. Returns ``[B]`` float32.
     """
     B, H, q, D = query.shape
-    S, H_kv = key.shape[-2], key.shape[1]
-    scaling = D ** -0.5 if scaling is None else scaling
-    groups = H // H_kv
-    key = key.float()
-    query = query.float().view(B, H_kv, groups, q, D)
-    offset = S - q
-    cols = torch.arange(S, device=query.device)
     share = torch.zeros(B, dtype=torch.float32, device=query.device)
-    for start in range(0, q, chunk):
-        stop = min(q, start + chunk)
-        end = offset + stop
-        logits = torch.einsum("bgnqd,bgsd->bgnqs", query[:, :, :, start:stop], key[:, :, :end]) * scaling
-        rows = torch.arange(offset + start, end, device=query.device)
-        future = cols[None, :end] > rows[:, None]
-        probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    for start, stop, end, probs, future in _causal_softmax(query, key, scaling, chunk):
         small = (probs < threshold * probs.amax(dim=-1, keepdim=True)) & ~future
-        seen = (rows + 1).float()  # keys each row sees
+        seen = torch.arange(key.shape[-2] - q + start + 1, end + 1, device=query.device).float()  # keys each row sees
         share += (small.sum(dim=-1) / seen).sum(dim=(1, 2, 3))
     return share / (H * q)
 
