@@ -3,10 +3,22 @@
     python -m elastic.memory                                  # LLaVA-1.5-7B, full and Elastic 0.2: 1k / 4k / 16k tokens, batch 1 and 8
     python -m elastic.memory --methods all --budgets 0.2 0.5  # every method in elastic.METHODS
     python -m elastic.memory --model qwen2-vl-2b --image-size 448 448
+    python -m elastic.memory --model gemma-3-27b-it --methods full elastic h2o   # 5 of 6 layers slide
 
 The model is built from its published configuration (``assets/configs/<name>``, no hub,
 no weights) on the ``meta`` device: layers, KV heads and head size are read from the
-built attention modules, the parameter count from the built parameters. The prompt is
+built attention modules, the parameter count from the built parameters.
+
+Only the decoder's ``"full_attention"`` layers are compressed (what :mod:`elastic.cache`
+does): the budget, the entry counts and the K/V bytes of every method are theirs. The
+other layer types hold the same memory whatever the method, reported apart as
+"window + state": a sliding-window or chunked layer of window ``W`` keeps the last
+``min(tokens seen, W - 1)`` entries (transformers' ``DynamicSlidingWindowLayer``); a
+linear-attention layer (Gated DeltaNet) keeps a conv state of ``(2 x key heads x key dim
++ value heads x value dim) x conv kernel`` values in the model's dtype and a recurrent
+state of ``value heads x key dim x value dim`` in float32 (transformers' kernels keep it
+in float32); a conv layer (LFM2) keeps ``hidden x conv_L_cache`` values. All of these are
+read from the text configuration. The prompt is
 split as the model's processor would split it (system text before the image, the image
 tokens, then text up to the requested context). Every entry count comes from the
 library itself: the policy's ``prompt_keep`` after the prefill, its ``capacity`` while
@@ -41,15 +53,19 @@ from . import budget as budget_rules
 from .policies import METHODS, Prefill, make_policy
 
 CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"
-MODELS = ("llava-1.5-7b", "qwen2-vl-2b")
+MODELS = ("llava-1.5-7b", "qwen2-vl-2b", "qwen2.5-vl-7b", "qwen3-vl-8b", "gemma-3-4b-it", "gemma-3-27b-it",
+          "qwen3.5-9b", "lfm2.5-vl-1.6b")
+WINDOW_TYPES = ("sliding_attention", "chunked_attention")  # K/V of the last W - 1 tokens
+STATE_TYPES = ("linear_attention", "conv")  # a fixed-size state, not one entry per token
 
 # Tokens before the image, as the model's chat template renders a one-image user turn. The
 # tokenizers are not in the repository, so these are counted by hand from the templates (pass
 # ``system=`` to override): llava-hf's "USER: <image>..." is <s>, "▁US", "ER", ":", "▁"
 # before the image; Qwen2-VL's default system turn is <|im_start|>, "system", "\n", "You",
 # " are", " a", " helpful", " assistant", ".", <|im_end|>, "\n", then <|im_start|>, "user",
-# "\n", <|vision_start|>.
-SYSTEM_TOKENS = {"llava": 5, "qwen2_vl": 15}
+# "\n", <|vision_start|>; Qwen2.5-VL's template has the same default system turn. Other model
+# types count 0 tokens before the image unless ``system=`` / ``--system`` says otherwise.
+SYSTEM_TOKENS = {"llava": 5, "qwen2_vl": 15, "qwen2_5_vl": 15}
 DEFAULT_IMAGE = (448, 448)  # image size (height, width) for models whose token count depends on it
 
 
@@ -61,14 +77,24 @@ class ModelShape:
     ----------
     name : str
     model_type : str
-        ``config.model_type`` (``"llava"``, ``"qwen2_vl"``).
+        ``config.model_type`` (``"llava"``, ``"qwen2_vl"``, ``"gemma3"``, ...).
     layers, heads, kv_heads, head_dim, hidden : int
-        The language model's decoder layers, query heads, KV heads, head size, width.
+        The language model's decoder layers (all types), query heads, KV heads, head size
+        (of its attention layers), width.
     parameters : int
         All parameters (vision tower and projector included).
     context : int or None
         The language model's ``max_position_embeddings``.
     config_dir : Path
+    layer_types : tuple of str
+        Each decoder layer's type, as transformers' caches read it.
+    windows : tuple of int
+        The window ``W`` of each sliding-window or chunked layer.
+    state_values : int
+        Values of the fixed conv states of all linear-attention and conv layers, one sample
+        (stored in the model's dtype).
+    recurrent_values : int
+        Values of the recurrent states of all linear-attention layers, one sample (float32).
     """
 
     name: str
@@ -81,10 +107,28 @@ class ModelShape:
     parameters: int
     context: int | None
     config_dir: Path
+    layer_types: tuple = ()
+    windows: tuple = ()
+    state_values: int = 0
+    recurrent_values: int = 0
+
+    @property
+    def full_layers(self) -> int:
+        """The full-attention layers: the ones the policies compress."""
+        return sum(kind == "full_attention" for kind in self.layer_types) if self.layer_types else self.layers
 
     def entry_bytes(self, dtype_bytes: int = 2) -> int:
-        """Bytes of one token's K and V in every layer, one sample."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+        """Bytes of one token's K and V in every full-attention layer, one sample."""
+        return 2 * self.full_layers * self.kv_heads * self.head_dim * dtype_bytes
+
+    def window_entries(self, seen: int) -> int:
+        """Entries all sliding-window / chunked layers hold after ``seen`` tokens, one sample:
+        ``min(seen, W - 1)`` each (transformers' ``DynamicSlidingWindowLayer``)."""
+        return sum(min(seen, w - 1) for w in self.windows)
+
+    def state_bytes(self, dtype_bytes: int = 2) -> int:
+        """Bytes of the fixed state of the linear-attention and conv layers, one sample."""
+        return self.state_values * dtype_bytes + self.recurrent_values * 4
 
 
 def config_dir(model: str | Path) -> Path:
@@ -107,17 +151,80 @@ def build_meta(model: str | Path = "llava-1.5-7b", **text_overrides):
         return AutoModelForImageTextToText.from_config(config)
 
 
+def decoder_layers(model):
+    """The text decoder's layers of a vision-language model (``language_model`` or, for
+    SmolVLM / Idefics3, ``text_model``)."""
+    inner = getattr(model, "model", model)
+    for name in ("language_model", "text_model"):
+        decoder = getattr(inner, name, None)
+        if decoder is not None and hasattr(decoder, "layers"):
+            return decoder.layers
+    raise ValueError(f"cannot find the text decoder's layers of {type(model).__name__}: pass a vision-language "
+                     "model whose .model has a language_model or text_model")
+
+
+def layer_types(text_config) -> tuple[list[str], list[dict]]:
+    """Each decoder layer's type and cache keyword arguments, as transformers' caches read
+    them (``get_layer_types_and_kwargs``: a model-wide ``sliding_window`` without
+    ``layer_types`` makes every layer ``"sliding_attention"``)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(text_config)
+    return list(types), list(kwargs)
+
+
+def state_values(text_config, kind: str) -> tuple[int, int]:
+    """``(conv values, recurrent values)`` one layer of type ``kind`` keeps for one sample,
+    from the text configuration (0, 0 for attention layers).
+
+    Gated DeltaNet (``"linear_attention"``, Qwen3.5 / Qwen3-Next): a causal conv over the
+    q, k and v channels, ``(2 x key heads x key dim + value heads x value dim) x kernel``,
+    and one ``key dim x value dim`` state per value head. LFM2's short conv (``"conv"``):
+    ``hidden x conv_L_cache``.
+    """
+    c = text_config
+    if kind == "linear_attention":
+        keys = c.linear_num_key_heads * c.linear_key_head_dim
+        values = c.linear_num_value_heads * c.linear_value_head_dim
+        return ((2 * keys + values) * c.linear_conv_kernel_dim,
+                c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim)
+    if kind == "conv":
+        return c.hidden_size * c.conv_L_cache, 0
+    return 0, 0
+
+
 def shape_of(model, name: str = "", directory: Path | None = None) -> ModelShape:
-    """:class:`ModelShape` of a built model (any device), read from its modules."""
-    text = model.config.get_text_config()
-    layers = model.model.language_model.layers
-    attention = layers[0].self_attn
-    head_dim = int(attention.head_dim)
+    """:class:`ModelShape` of a built model (any device), read from its modules and its
+    text configuration's layer types."""
+    text = model.config.get_text_config(decoder=True)
+    layers = decoder_layers(model)
+    types, kwargs = layer_types(text)
+    if len(types) != len(layers):
+        raise ValueError(f"{len(types)} layer types for {len(layers)} decoder layers: fix the configuration")
+    unknown = sorted(set(types) - {"full_attention", *WINDOW_TYPES, *STATE_TYPES})
+    if unknown:
+        raise ValueError(f"no memory rule for layer type(s) {unknown}; the calculator knows full_attention, "
+                         f"{', '.join(WINDOW_TYPES + STATE_TYPES)}")
+    attending = [i for i, kind in enumerate(types) if kind == "full_attention" or kind in WINDOW_TYPES]
+    if not attending:
+        raise ValueError("this decoder has no attention layer: there is no KV cache to compress")
+    widths = set()
+    for i in attending:  # every attention layer must have the same K/V width (one entry size)
+        attention = layers[i].self_attn
+        head_dim = int(attention.head_dim)
+        widths.add((attention.k_proj.out_features // head_dim, head_dim))
+    if len(widths) != 1:
+        raise ValueError(f"attention layers with different K/V shapes {sorted(widths)}: not supported")
+    ((kv_heads, head_dim),) = widths
+    states = [state_values(text, kind) for kind in types]
     return ModelShape(
         name=name or model.config.model_type, model_type=model.config.model_type, layers=len(layers),
-        heads=attention.q_proj.out_features // head_dim, kv_heads=attention.k_proj.out_features // head_dim,
-        head_dim=head_dim, hidden=int(text.hidden_size), parameters=sum(p.numel() for p in model.parameters()),
+        heads=int(text.num_attention_heads), kv_heads=kv_heads, head_dim=head_dim, hidden=int(text.hidden_size),
+        parameters=sum(p.numel() for p in model.parameters()),
         context=getattr(text, "max_position_embeddings", None), config_dir=directory or Path(),
+        layer_types=tuple(types), windows=tuple(kw["sliding_window"] for kind, kw in zip(types, kwargs)
+                                                if kind in WINDOW_TYPES),
+        state_values=sum(conv for conv, _ in states), recurrent_values=sum(rec for _, rec in states),
     )
 
 
@@ -131,8 +238,13 @@ def image_tokens(shape: ModelShape, image_size: tuple[int, int] | None = None) -
     """Tokens one image takes in the prompt, from the model's image processor configuration.
 
     LLaVA-1.5 resizes and crops every image to ``crop_size``: ``(crop / patch)^2`` tokens
-    (the CLS token dropped). Qwen2-VL resizes ``image_size`` (height, width) to multiples of
-    ``patch x merge`` within its pixel limits; ``merge^2`` patches make one token.
+    (the CLS token dropped). Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 resize ``image_size``
+    (height, width) to multiples of ``patch x merge`` within their pixel limits; ``merge^2``
+    patches make one token (the directory's ``preprocessor_config.json`` if it has one, else
+    transformers' processor defaults with the vision config's patch and merge sizes). Gemma 3
+    gives every image ``mm_tokens_per_image`` tokens. LFM2-VL: one ``tile_size`` tile of
+    ``encoder_patch_size`` patches merged ``downsample_factor^2`` to one (larger images are
+    split into several tiles: pass ``image=``).
     """
     directory = shape.config_dir
     if shape.model_type == "llava":
@@ -145,13 +257,25 @@ def image_tokens(shape: ModelShape, image_size: tuple[int, int] | None = None) -
         patch = processor["patch_size"]
         n = (crop.height // patch) * (crop.width // patch) + processor.get("num_additional_image_tokens", 0)
         return n - (processor.get("vision_feature_select_strategy") == "default")
-    if shape.model_type in ("qwen2_vl", "qwen2_5_vl"):
-        from transformers import Qwen2VLImageProcessorPil
+    if shape.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"):
+        from transformers import AutoConfig, Qwen2VLImageProcessorPil
 
-        processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
+        if (directory / "preprocessor_config.json").is_file():
+            processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
+        else:
+            vision = AutoConfig.from_pretrained(directory).vision_config
+            processor = Qwen2VLImageProcessorPil(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                                 temporal_patch_size=vision.temporal_patch_size)
         height, width = image_size or DEFAULT_IMAGE
         return processor.get_number_of_image_patches(height, width) // processor.merge_size ** 2
-    raise ValueError(f"no image token rule for model type {shape.model_type!r}")
+    if shape.model_type in ("gemma3", "lfm2_vl"):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(directory)
+        if shape.model_type == "gemma3":
+            return int(config.mm_tokens_per_image)
+        return (config.tile_size // config.encoder_patch_size // config.downsample_factor) ** 2
+    raise ValueError(f"no image token rule for model type {shape.model_type!r}: pass image= (--image N)")
 
 
 def prompt_spans(shape: ModelShape, tokens: int, image_size=None, system: int | None = None,
@@ -191,6 +315,13 @@ class Row:
         Slots of the preallocated layers' buffers (``capacity(T + reserve) + 1`` each).
     prefill_bytes, kv_bytes, allocated_bytes : int
         K/V held after the prefill, held at the end, and allocated in the buffers.
+    layers : int
+        The full-attention layers (the compressed ones); the counts and the three K/V byte
+        fields above are theirs.
+    window_entries, window_bytes, state_bytes : int
+        What the other layers hold at the end, the same for every method: entries of all
+        sliding / chunked layers (one sample), their K/V bytes, and the bytes of the
+        linear-attention / conv states (whole batch).
     per_layer_budget : bool
         The method sets each layer's budget from the attention (PrefixKV, VL-Cache):
         ``prefill_entries`` is exact (:func:`elastic.budget.layer_total`), ``end_entries``
@@ -216,6 +347,20 @@ class Row:
     dtype: str
     per_layer_budget: bool = False
     beyond_context: bool = False
+    window_entries: int = 0
+    window_bytes: int = 0
+    state_bytes: int = 0
+
+    @property
+    def other_bytes(self) -> int:
+        """Bytes of the layers no method compresses, whole batch, at the end: the sliding /
+        chunked windows' K/V plus the linear-attention and conv states."""
+        return self.window_bytes + self.state_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        """The whole cache allocated at the end: compressed layers' buffers + :attr:`other_bytes`."""
+        return self.allocated_bytes + self.other_bytes
 
     def span_tokens(self, name: str) -> int:
         start, end = self.spans.get(name, (0, 0))
@@ -294,25 +439,30 @@ def rows(model: str | Path | ModelShape = "llava-1.5-7b", tokens=(1024, 4096, 16
         The policies' other options (:func:`elastic.make_policy`; one set for every method).
     """
     shape = model if isinstance(model, ModelShape) else model_shape(model)
+    if shape.full_layers == 0:
+        raise ValueError(f"{shape.name} has no full-attention layer: no method compresses anything in it")
     size = dtype_bytes(dtype)
-    per_entry = shape.entry_bytes(size) // shape.layers  # one token's K and V in one layer
+    per_entry = shape.entry_bytes(size) // shape.full_layers  # one token's K and V in one layer
     weights = shape.parameters * size
     reserve = new if reserve is None else reserve
     out = []
     for T in tokens:
         spans = prompt_spans(shape, T, image_size, system, image)
-        counts = {(m, b): entries(m, b, T, new, reserve, spans, shape.layers, **params)
+        counts = {(m, b): entries(m, b, T, new, reserve, spans, shape.full_layers, **params)
                   for m in methods for b in ((1.0,) if m == "full" else budgets)}
+        window = shape.window_entries(T + max(new - 1, 0))  # the same whatever the method
         for batch in batches:
             for (method, budget), n in counts.items():
                 out.append(Row(
                     model=shape.name, tokens=T, spans=spans, batch=batch, method=method, budget=float(budget),
-                    new_tokens=new, reserve=reserve, layers=shape.layers,
+                    new_tokens=new, reserve=reserve, layers=shape.full_layers,
                     prefill_entries=n["prefill"], end_entries=n["end"], slots=n["slots"],
                     prefill_bytes=per_entry * n["prefill"] * batch, kv_bytes=per_entry * n["end"] * batch,
                     allocated_bytes=per_entry * n["slots"] * batch, weight_bytes=weights, dtype=str(dtype),
                     per_layer_budget=n["per_layer_budget"],
                     beyond_context=shape.context is not None and T + new > shape.context,
+                    window_entries=window, window_bytes=per_entry * window * batch,
+                    state_bytes=shape.state_bytes(size) * batch,
                 ))
     return out
 
@@ -324,29 +474,33 @@ def _gib(n: int) -> str:
 
 def headline(table: list[Row], method: str = "elastic", budget: float = 0.2) -> str:
     """A short markdown table: the full cache against ``method`` at ``budget``, per context
-    and batch (allocated K/V, and the weights beside them). Empty if either is missing."""
+    and batch (allocated K/V of the compressed layers, the weights beside them, then what
+    the other layers hold whatever the method and the share of the whole cache saved).
+    Empty if either is missing."""
     full = {(r.tokens, r.batch): r for r in table if r.method == "full"}
     chosen = [r for r in table if r.method == method and abs(r.budget - budget) < 1e-9 and (r.tokens, r.batch) in full]
     if not chosen:
         return ""
     lines = [f"| context | batch | full KV allocated (GiB) | {method} {budget:g} KV allocated (GiB) | saved (GiB) | "
-             "weights (GiB) |",
-             "|---|---|---|---|---|---|"]
+             "weights (GiB) | window + state, any method (GiB) | whole cache saved |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in chosen:
         f = full[(r.tokens, r.batch)]
         lines.append(f"| {r.tokens}{' †' if r.beyond_context else ''} | {r.batch} | {_gib(f.allocated_bytes)} | "
                      f"{_gib(r.allocated_bytes)} | {_gib(f.allocated_bytes - r.allocated_bytes)} | "
-                     f"{_gib(r.weight_bytes)} |")
+                     f"{_gib(r.weight_bytes)} | {_gib(r.other_bytes)} | "
+                     f"{(f.cache_bytes - r.cache_bytes) / f.cache_bytes:.1%} |")
     return "\n".join(lines)
 
 
 def format_table(table: list[Row]) -> str:
     """The rows as a markdown table; ratios are to the full cache of the same context and batch.
-    Entry counts are per layer (``N in all``: summed over the layers, ‡)."""
+    Entry counts are per full-attention layer (``N in all``: summed over them, ‡); "window +
+    state" is what the sliding / linear / conv layers hold, the same for every method."""
     full = {(r.tokens, r.batch): r for r in table if r.method == "full"}
     head = ("| context (system + image + text) | batch | method | budget | entries after prefill | entries at the end | "
             "buffer slots | KV after prefill (GiB) | KV at the end (GiB) | KV allocated (GiB) | allocated / full | "
-            "saved vs full (GiB) | weights + KV (GiB) |")
+            "saved vs full (GiB) | weights + KV (GiB) | window + state (GiB) | whole cache / full |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in table:
         f = full.get((r.tokens, r.batch))
@@ -358,7 +512,8 @@ def format_table(table: list[Row]) -> str:
             f"| {r.tokens}{mark} ({r.span_tokens('system')} + {r.span_tokens('image')} + {r.span_tokens('instruction')})"
             f" | {r.batch} | {r.method}{split} | {r.budget:g} | {r.count(r.prefill_entries)} | "
             f"{r.count(r.end_entries)} | {r.count(r.slots)} | {_gib(r.prefill_bytes)} | {_gib(r.kv_bytes)} | "
-            f"{_gib(r.allocated_bytes)} | {ratio} | {saved} | {_gib(r.weight_bytes + r.allocated_bytes)} |"
+            f"{_gib(r.allocated_bytes)} | {ratio} | {saved} | {_gib(r.weight_bytes + r.cache_bytes)} | "
+            f"{_gib(r.other_bytes)} | {f'{r.cache_bytes / f.cache_bytes:.3f}' if f else '-'} |"
         )
     return "\n".join(lines)
 
@@ -372,12 +527,25 @@ def describe(table: list[Row], shape: ModelShape | None = None) -> str:
         shape = model_shape(r.model)
     lines = []
     if shape:
-        lines.append(f"{shape.name}: {shape.layers} layers, {shape.heads} query / {shape.kv_heads} KV heads, "
+        full = shape.full_layers
+        kinds = ", ".join(f"{shape.layer_types.count(k)} {k}" for k in dict.fromkeys(shape.layer_types)) \
+            if shape.layer_types else f"{shape.layers} full_attention"
+        lines.append(f"{shape.name}: {shape.layers} layers ({kinds}), {shape.heads} query / {shape.kv_heads} KV heads, "
                      f"head_dim {shape.head_dim}, {shape.parameters / 1e9:.2f}B parameters = "
                      f"{r.weight_bytes / 2**30:.2f} GiB of {r.dtype} weights (built on the meta device).")
-        lines.append(f"KV bytes = 2 x {shape.layers} layers x {shape.kv_heads} KV heads x {shape.head_dim} x entries "
-                     f"per layer x batch x {dtype_bytes(r.dtype)} bytes; {r.new_tokens} new tokens "
+        lines.append(f"KV bytes = 2 x {full} full-attention layers x {shape.kv_heads} KV heads x {shape.head_dim} x "
+                     f"entries per layer x batch x {dtype_bytes(r.dtype)} bytes; {r.new_tokens} new tokens "
                      f"(the end: T + {r.new_tokens - 1} tokens fed), buffers of capacity(T + {r.reserve}) + 1 slots.")
+        if shape.windows:
+            windows = sorted(set(shape.windows))
+            lines.append(f"Window + state: {len(shape.windows)} sliding/chunked layers keep min(tokens seen, W - 1) "
+                         f"entries each (W = {', '.join(map(str, windows))}) at the end, the same for every method: not "
+                         "compressed.")
+        if shape.state_values:
+            lines.append(f"Window + state: {shape.layers - full - len(shape.windows)} linear-attention/conv layers keep "
+                         f"{shape.state_values} conv-state values ({r.dtype}) + {shape.recurrent_values} "
+                         f"recurrent-state values (float32) per sample = {shape.state_bytes(dtype_bytes(r.dtype)) / 2**20:.1f} "
+                         "MiB, whatever the context and the method.")
     lines.append("Counts from the policies' own budget arithmetic (prompt_keep, capacity); the prefill briefly "
                  "holds a layer's whole prompt before compressing it (every layer's, for methods that plan "
                  "once all layers have attended).")
@@ -404,8 +572,9 @@ def main(argv=None) -> list[Row]:
     ap.add_argument("--reserve", type=int, default=None, help="decode tokens the buffers hold (default --new)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                    help=f"image height and width (Qwen2-VL; default {DEFAULT_IMAGE[0]} {DEFAULT_IMAGE[1]})")
+                    help=f"image height and width (Qwen-VL families; default {DEFAULT_IMAGE[0]} {DEFAULT_IMAGE[1]})")
     ap.add_argument("--system", type=int, default=None, help="tokens before the image (default: the chat template's)")
+    ap.add_argument("--image", type=int, default=None, help="image tokens (default: from the image processor's config)")
     args = ap.parse_args(argv)
     methods = list(METHODS) if args.methods == ["all"] else [m for arg in args.methods for m in arg.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -413,7 +582,7 @@ def main(argv=None) -> list[Row]:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     try:
         table = rows(args.model, args.tokens, args.batch, methods, args.budgets, args.new, args.dtype, args.reserve,
-                     tuple(args.image_size) if args.image_size else None, args.system)
+                     tuple(args.image_size) if args.image_size else None, args.system, args.image)
     except ValueError as error:
         ap.error(str(error))
     short = headline(table, "elastic", args.budgets[0])
