@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig
 
+from .processors import load_processor  # noqa: F401  (re-exported: elastic.models.load_processor)
 from .quantize import QUANTIZE_CHOICES, quantize_int8
 from .scoring import attach
 
@@ -113,62 +114,3 @@ def _embedded_dir() -> Path:
         return model_dir()
     except EmbeddedModelError as error:
         raise ModelLoadError(f"could not build the embedded model: {error}") from None
-
-
-def load_processor(name: str, config=None):
-    """The model's processor; for Qwen2-VL without torchvision, a :class:`QwenVLProcessor`
-    (transformers' own one needs torchvision for its video processor)."""
-    try:
-        return AutoProcessor.from_pretrained(name, trust_remote_code=False)
-    except Exception:
-        config = config or AutoConfig.from_pretrained(name, trust_remote_code=False)
-        if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
-            from transformers import Qwen2VLImageProcessorPil
-
-            return QwenVLProcessor(Qwen2VLImageProcessorPil.from_pretrained(name, trust_remote_code=False),
-                                   AutoTokenizer.from_pretrained(name, trust_remote_code=False))
-        if not hasattr(config, "vision_config"):
-            return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-        raise
-
-
-class QwenVLProcessor:
-    """Images and text for Qwen2-VL without torchvision: what ``Qwen2VLProcessor`` does for
-    one image per prompt (expand ``<|image_pad|>`` to the merged patch count and mark the
-    image tokens in ``mm_token_type_ids``)."""
-
-    image_token = "<|image_pad|>"
-
-    def __init__(self, image_processor, tokenizer, chat_template: str | None = None):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template or tokenizer.chat_template
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-
-    def apply_chat_template(self, messages, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
-
-    def __call__(self, text, images=None, return_tensors="pt", **kwargs):
-        texts = [text] if isinstance(text, str) else list(text)
-        extra = {}
-        if images:
-            extra = dict(self.image_processor(images=images, return_tensors=return_tensors))
-            merge = self.image_processor.merge_size ** 2
-            counts = iter((extra["image_grid_thw"].prod(-1) // merge).tolist())
-            # one placeholder per image, expanded in order (a marker keeps expansions from re-matching)
-            texts = [
-                "".join(
-                    part + ("<|placeholder|>" * next(counts) if i < t.count(self.image_token) else "")
-                    for i, part in enumerate(t.split(self.image_token))
-                ).replace("<|placeholder|>", self.image_token)
-                for t in texts
-            ]
-        encoded = self.tokenizer(texts, return_tensors=return_tensors, padding=len(texts) > 1, **kwargs)
-        encoded["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).long()
-        return {**encoded, **extra}
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)

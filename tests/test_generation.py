@@ -154,8 +154,9 @@ def test_qwen2vl_generate_spans_and_grid():
     processor = tiny_qwen2vl_processor()
     image = Image.new("RGB", (40, 30), "red")
     result = elastic.generate(model, processor, image, "what is the colour ?", budget=1.0, max_new_tokens=5)
-    inputs = processor(processor.apply_chat_template([elastic.user_message("what is the colour ?", True)],
-                                                     add_generation_prompt=True, tokenize=False), images=[image])
+    inputs = processor(text=processor.apply_chat_template([elastic.user_message("what is the colour ?", True)],
+                                                          add_generation_prompt=True, tokenize=False), images=[image],
+                       return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, cache=DynamicCache(), max_new_tokens=5, do_sample=False)
     assert result.text == processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

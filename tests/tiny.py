@@ -63,10 +63,11 @@ QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 
 
 def tiny_qwen2vl_processor():
-    """elastic's torchvision-free Qwen2-VL processor over a word tokenizer (ids as tiny_qwen2vl)."""
-    from transformers import Qwen2VLImageProcessorPil
+    """transformers' Qwen2VLProcessor without its video processor (``elastic.processors``, no
+    torchvision) over a word tokenizer (ids as tiny_qwen2vl)."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
-    from elastic.models import QwenVLProcessor
+    from elastic.processors import without_video
 
     vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in WORDS if w])}
     vocab.update({w: 120 + i for i, w in enumerate(QWEN_SPECIALS)})
@@ -78,7 +79,7 @@ def tiny_qwen2vl_processor():
     template = CHAT_TEMPLATE.replace(" <image>", " <|vision_start|><|image_pad|><|vision_end|>")
     images = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16,
                                       max_pixels=32 * 32)
-    return QwenVLProcessor(images, fast, template)
+    return without_video(Qwen2VLProcessor)(images, fast, chat_template=template)
 
 
 def tiny_llava(seed=0, image_size=32, patch=8, layers=2):
