@@ -330,3 +330,29 @@ def test_without_video_keeps_the_class_and_refuses_videos(tmp_path):
     assert type(processor) is without_video(transformers.Qwen2VLProcessor)
     with pytest.raises(ValueError, match="torchvision"):
         processor(text="<|video_pad|>", videos=[torch.zeros(2, 3, 8, 8)], return_tensors="pt")
+
+
+def test_load_model_generates_with_the_family_processor(tmp_path):
+    """``elastic.load_model`` on a saved Qwen2.5-VL checkpoint: transformers' own processor
+    class comes back, and ``elastic.generate`` with the full budget answers as plain greedy
+    ``generate`` does on that processor's inputs."""
+    import elastic
+    from transformers import DynamicCache
+
+    vocab = family_vocab(QWEN)
+    config = merged_patch_config("qwen2_5_vl", vocab)
+    save_checkpoint(tmp_path, vocab, config, transformers.Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=64 * 64), QWEN, QWEN_IMAGE)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    model, processor = elastic.load_model(tmp_path, device="cpu")
+    assert isinstance(processor, transformers.Qwen2_5_VLProcessor)
+    image = Image.new("RGB", (32, 24), "red")
+    result = elastic.generate(model, processor, image, "what colour ?", budget=1.0, max_new_tokens=4)
+    prompt = processor.apply_chat_template([elastic.user_message("what colour ?", True)], add_generation_prompt=True,
+                                           tokenize=False)
+    inputs = processor(text=prompt, images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, cache=DynamicCache(), max_new_tokens=4, do_sample=False)
+    expected = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert expected and result.text == expected
