@@ -12,6 +12,7 @@ from .cache import LAYOUTS, PolicyCache, PolicyLayer, PreallocatedLayer, make_ca
 from .policies import METHODS, POLICIES, ElasticPolicy, H2OPolicy, LocalPolicy, Policy, make_policy
 from .scoring import attach, attention_received, is_attached
 from .generation import Generation, build_inputs, generate, load_image, user_message
+from .spans import ImageTile, image_tiles, prompt_annotations, prompt_spans
 from .metrics import perplexity, rouge_l
 from .models import SHIPPED_MODEL, ModelLoadError, load_model
 from .trace import LayerTrace, Trace
@@ -23,4 +24,5 @@ __all__ = [
     "PolicyCache", "PolicyLayer", "PreallocatedLayer", "LAYOUTS", "make_cache", "attach", "is_attached", "attention_received",
     "Trace", "LayerTrace", "check_budget", "keep_count", "generate", "Generation", "build_inputs",
     "load_image", "user_message", "load_model", "ModelLoadError", "SHIPPED_MODEL", "rouge_l", "perplexity",
+    "prompt_spans", "prompt_annotations", "image_tiles", "ImageTile",
 ]

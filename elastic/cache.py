@@ -461,8 +461,8 @@ class PolicyCache(Cache):
         )
 
     def annotate(self, **fields) -> None:
-        """Attach prompt metadata (``spans``, ``image_grid``, ``tokens``) to the traces."""
-        unknown = set(fields) - {"spans", "image_grid", "tokens"}
+        """Attach prompt metadata (``spans``, ``image_grid``, ``image_tiles``, ``tokens``) to the traces."""
+        unknown = set(fields) - {"spans", "image_grid", "image_tiles", "tokens"}
         if unknown:
             raise ValueError(f"unknown trace annotation(s): {sorted(unknown)}")
         self.annotations.update(fields)

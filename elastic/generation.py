@@ -1,8 +1,7 @@
 """One call from (image, prompt) to (answer, trace, stats), with the model's chat template.
 
-This is where prompts are built, so it is also the one place that knows the token-type
-spans (system / image / instruction) and the image patch grid, which it stores in the
-trace for the visualisations.
+This is where prompts are built; the token-type spans (system / image / instruction) and
+image grids it stores in the trace for the visualisations come from :mod:`elastic.spans`.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .budget import keep_count
 from .cache import PolicyCache, make_cache
 from .scoring import is_attached, text_config
+from .spans import prompt_annotations  # noqa: F401 (also elastic.generation.prompt_annotations)
 from .trace import Trace
 
 MAX_IMAGE_SIDE = 2048  # larger uploads are scaled down first: processors resize anyway
@@ -67,7 +67,8 @@ def build_inputs(model, processor, messages: list[dict], image=None) -> tuple[di
 
     Returns the model inputs (on the model's device) and the prompt annotations for the
     trace: ``spans`` (system / image / instruction, and ``history`` for the earlier turns
-    of a multi-turn chat: the instruction is then the last user turn) and ``image_grid``.
+    of a multi-turn chat: the instruction is then the last user turn), ``image_grid`` and
+    ``image_tiles`` (see :mod:`elastic.spans`).
     """
     has_image_block = any(
         isinstance(m.get("content"), list) and any(b.get("type") == "image" for b in m["content"]) for m in messages
@@ -116,29 +117,6 @@ def tokenize_chat_text(model, processor, text: str, image=None) -> dict:
     else:  # a text-only model: the processor is its tokenizer
         inputs = processor([text], return_tensors="pt", add_special_tokens=False)
     return {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
-def prompt_annotations(model, inputs: dict) -> dict:
-    """Token-type spans and the image's patch grid for a single prompt."""
-    ids = inputs["input_ids"][0]
-    T = len(ids)
-    image_token = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
-    where = (ids == image_token).nonzero().flatten().tolist() if image_token is not None else []
-    if not where:
-        return {"spans": {"instruction": (0, T)}, "image_grid": None}
-    start = where[0]
-    end = start
-    while end < T and ids[end] == image_token:  # the first image's contiguous run
-        end += 1
-    spans = {"system": (0, start), "image": (start, end), "instruction": (end, T)}
-    grid_thw = inputs.get("image_grid_thw")
-    if grid_thw is not None:  # Qwen2-VL: patches merged merge x merge into one token
-        merge = int(math.isqrt(int(grid_thw[0].prod()) // (end - start)))
-        grid = (int(grid_thw[0][1]) // merge, int(grid_thw[0][2]) // merge)
-    else:
-        side = math.isqrt(end - start)
-        grid = (side, side) if side * side == end - start else None
-    return {"spans": {k: v for k, v in spans.items() if v[1] > v[0]}, "image_grid": grid}
 
 
 def longest_token(tokenizer) -> int:

@@ -16,6 +16,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .spans import annotating_hook
+
 # The cache layer whose ``update`` ran last in this thread and now waits for its attention.
 # Thread-local so that concurrent generations (app sessions, streamer threads) never mix.
 _waiting = threading.local()
@@ -172,4 +174,5 @@ def attach(model):
     model.set_attn_implementation({key: name} if key else name)
     if not is_attached(model):
         raise RuntimeError(f"could not switch the text decoder of {type(model).__name__} to {name}")
+    model.register_forward_pre_hook(annotating_hook(model), with_kwargs=True)  # spans for plain generate
     return model

@@ -99,7 +99,12 @@ class Trace:
         Token-type spans ``name -> (start, end)`` (end exclusive) over prompt positions,
         e.g. ``system``, ``image``, ``instruction``; filled by :func:`elastic.generate`.
     image_grid : tuple or None
-        ``(rows, cols)`` of image patches when the ``image`` span maps to a patch grid.
+        ``(rows, cols)`` of image patches when the prompt has exactly one patch grid.
+    image_tiles : list[elastic.spans.ImageTile]
+        Every grid of image tokens (one per image, tile, global or base view), each with its
+        ``rows``, ``cols`` and the row-major prompt ``positions`` of its cells: with tiles,
+        row markers or breaks the ``image`` span holds more than the cells (see
+        :mod:`elastic.spans`).
     tokens : list[str] or None
         Text of every position (prompt and generated) for hover labels.
     options : dict
@@ -129,6 +134,7 @@ class Trace:
     layer_lengths: np.ndarray | None = None
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     image_grid: tuple[int, int] | None = None
+    image_tiles: list = field(default_factory=list)
     tokens: list[str] | None = None
     options: dict = field(default_factory=dict)
     variant: dict = field(default_factory=dict)

@@ -131,10 +131,15 @@ def test_unknown_option_values_raise(method, params, match):
         elastic.make_cache(method, **params)
 
 
-def test_protect_instruction_without_spans_is_explained(llama):
+def test_protect_instruction_finds_spans_or_is_explained(llama):
+    # Through plain model.generate the attached model hands the cache its prompt's spans ...
     cache = elastic.make_cache("elastic", budget=0.5, protect="instruction")
-    with pytest.raises(ValueError, match="needs the prompt's token spans"):
-        generate(llama, prompt(30), cache, 2)
+    generate(llama, prompt(30), cache, 2)
+    assert cache.trace.spans == {"instruction": (0, 30)}  # a text-only prompt is all instruction
+    assert cache.trace.protected.tolist() == list(range(30))
+    # ... and without spans the policy says how to pass them.
+    with pytest.raises(ValueError, match=r"needs the prompt's token spans.*elastic.prompt_spans"):
+        cache.policy.protected(30, None)
 
 
 def test_shared_scope_keeps_the_same_positions_in_every_layer(llama):

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from .. import scoring
+from ..spans import SPANS_HOW
 from .base import Policy, Prefill, choice, keep_mask, lowest_score_slot, nearest_by_cosine, top_k, whole
 
 IMPORTANCE = ("sum", "mean", "moving-average", "debiased", "uniform")
@@ -195,8 +196,7 @@ def instruction_span(spans: dict | None, prompt_length: int) -> tuple[int, int]:
     """The ``instruction`` span: the last user turn and the generation prompt."""
     if not spans or "instruction" not in spans:
         raise ValueError(
-            "protect='instruction' needs the prompt's token spans: generate with elastic.generate, "
-            "or call cache.annotate(spans={'instruction': (start, end)}) before the prefill"
+            "protect='instruction' needs the prompt's token spans: " + SPANS_HOW
         )
     start, end = spans["instruction"]
     return max(0, start), min(prompt_length, end)

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from .. import scoring
+from ..spans import SPANS_HOW
 from .base import HEADS, choice, nearest_by_cosine
 from .h2o import H2OPolicy
 
@@ -78,7 +79,10 @@ class LOOKMPolicy(H2OPolicy):
         # text, older image (the text prior), then the recent window, which is kept anyway.
         order = scores.float().sort(dim=-1, descending=True, stable=True).indices
         tier = (~older).long() * 2
-        image = (prompt.spans or {}).get("image") if self.text_prior else None
+        if self.text_prior and prompt.spans is None:
+            raise ValueError(f"lookm's text prior needs the prompt's token spans: {SPANS_HOW}; "
+                             "or pass text_prior=False")
+        image = prompt.spans.get("image") if self.text_prior else None
         if image is not None:
             tier = tier + ((positions >= image[0]) & (positions < image[1]) & older).long()
         order = order.gather(1, tier.gather(1, order).sort(dim=-1, stable=True).indices)

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from .. import scoring
 from ..budget import distribute, keep_count, layer_ratio, layer_total
+from ..spans import SPANS_HOW
 from .base import Policy, keep_mask, top_k_mask, whole
 from .tova import TOVAPolicy
 
@@ -78,7 +79,9 @@ class VLCachePolicy(Policy):
 
     def post_vision_start(self, prompt_length: int, spans: dict | None) -> int:
         """First prompt query that votes: the one after the image, or the last ``window``."""
-        image = (spans or {}).get("image")
+        if spans is None:
+            raise ValueError("vlcache needs the prompt's token spans (the text after the image votes): " + SPANS_HOW)
+        image = spans.get("image")
         if image is not None and image[1] < prompt_length:
             return image[1]
         return max(0, prompt_length - self.window)
