@@ -3,9 +3,11 @@
 No gradio and no model code here: every function reads an :class:`elastic.Trace` and
 never recomputes the algorithm (anchors are ``trace.layers[l].kept``, groups
 ``trace.layers[l].group``, the cache at a step ``trace.positions_at(l, s)``).
+Every figure reads on a projector: text >= 14 px (titles 18) in near-black on the figure's
+own white background (WCAG AA in gradio's light and dark themes), see ``viz.style``.
 
     import viz
-    viz.attention_heatmap(trace)            # layer x position importance, spans, anchors
+    viz.attention_heatmap(trace, layer)     # layer x position importance, spans, the layer's anchors
     viz.merge_groups(trace, layer, step)    # every position coloured by its anchor
     viz.image_overlay(trace, image, layer, step)  # patches over the input image
     viz.cache_timeline(trace, layer, step)  # length / KV bytes vs decoding step, N_tl

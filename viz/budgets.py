@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from .style import GRID, INK, METHOD_COLOURS, TEMPLATE, kept_after_prefill, method_name
+from .style import (GRID, INK, METHOD_COLOURS, MODEBAR_ROOM, TEMPLATE, figure_title, kept_after_prefill, layer_axis,
+                    layer_ids, method_name, title_height)
 
 
 def _as_dict(traces) -> dict:
@@ -19,7 +20,7 @@ def _as_dict(traces) -> dict:
     return dict(traces)
 
 
-def layer_budgets_figure(traces, layer: int | None = None, height: int = 320) -> go.Figure:
+def layer_budgets_figure(traces, layer: int | None = None, height: int = 360) -> go.Figure:
     """Bars of the entries each layer kept after the prefill, one series per method.
 
     Parameters
@@ -53,9 +54,10 @@ def layer_budgets_figure(traces, layer: int | None = None, height: int = 320) ->
         allowed = trace.layer_budget_entries().tolist()
         ratios = [float(trace.budget if lt.budget is None else lt.budget) for lt in trace.layers]
         name = method_name(method)
+        ids = layer_ids(trace)
         hover = []
         for l, (k, b, r) in enumerate(zip(kept, allowed, ratios)):
-            line = f"<b>{name}, layer {l}</b><br>keeps {k} of the {T} prompt entries ({k / T:.0%})"
+            line = f"<b>{name}, layer {ids[l]}</b><br>keeps {k} of the {T} prompt entries ({k / T:.0%})"
             if trace.budgets_per_layer:
                 line += f"<br>this layer's own budget: {r:.3f} of the prompt, &lceil;{r:.3f} &times; {T}&rceil; = {b}"
             else:
@@ -69,7 +71,7 @@ def layer_budgets_figure(traces, layer: int | None = None, height: int = 320) ->
             if trace.budget_entries is not None:
                 together = (f", {sum(kept)} in all (the uniform budget: {len(kept)} &times; {trace.budget_entries} = "
                             f"{len(kept) * trace.budget_entries})")
-            uneven.append(f"{name}: layer {most} keeps most ({kept[most]}), layer {least} least ({kept[least]})"
+            uneven.append(f"{name}: layer {ids[most]} keeps most ({kept[most]}), layer {ids[least]} least ({kept[least]})"
                           + together)
         fig.add_trace(go.Bar(
             name=name, x=list(range(trace.num_layers)), y=kept,
@@ -88,8 +90,9 @@ def layer_budgets_figure(traces, layer: int | None = None, height: int = 320) ->
         ))
     if layer is not None and layers:
         layer = min(max(int(layer), 0), layers - 1)
+        # A dark frame around the chosen layer's bars (a grey fill alone was too faint to see).
         fig.add_shape(type="rect", xref="x", yref="paper", x0=layer - 0.5, x1=layer + 0.5, y0=0, y1=1,
-                      fillcolor=GRID, line=dict(width=0), layer="below", name="selected layer")
+                      fillcolor=GRID, line=dict(color=INK, width=2), layer="below", name="selected layer")
     if uneven:
         subtitle = "; ".join(uneven)
     elif first is not None:
@@ -97,12 +100,17 @@ def layer_budgets_figure(traces, layer: int | None = None, height: int = 320) ->
                     + (" (pick PrefixKV or VL-Cache for a budget per layer)" if len(traces) == 1 else ""))
     else:
         subtitle = ""
+    longest = max(traces.values(), key=lambda t: t.num_layers, default=None)
+    axis = layer_axis(longest, max(1, layers // 10)) if longest is not None else {}
+    top, bottom = title_height(subtitle), 100
+    plot_px = max(height - top - bottom, 60)
     fig.update_layout(
-        title=dict(text=f"Entries kept per layer after the prefill<br><sup>{subtitle}</sup>", font=dict(size=14)),
-        height=height, barmode="group", bargap=0.25,
-        xaxis=dict(title="layer", tickmode="linear", dtick=max(1, layers // 16), range=[-0.5, layers - 0.5]),
-        yaxis=dict(title="entries kept (of the prompt's T)", rangemode="tozero"),
-        margin=dict(l=60, r=20, t=70, b=40), legend=dict(orientation="h", y=-0.2, x=0),
+        title=figure_title("Entries kept per layer after the prefill", subtitle), height=height,
+        barmode="group", bargap=0.25,
+        xaxis=dict(title="layer", range=[-0.5, layers - 0.5], **axis),
+        yaxis=dict(title="entries kept", rangemode="tozero"),
+        margin=dict(l=70, r=MODEBAR_ROOM, t=top, b=bottom), legend=dict(orientation="h", y=-62 / plot_px, x=0,
+                                                                        yanchor="top"),
         template=TEMPLATE,
     )
     return fig

@@ -7,28 +7,35 @@ import plotly.graph_objects as go
 
 from .state import ANCHOR, EVICTED, MERGED, PROTECTED, prompt_state
 from .style import (
-    ANCHOR_COLOUR, DROPPED_COLOUR, EVICTED_COLOUR, GROUP_COLOURS, PROTECTED_COLOUR, SPAN_COLOURS,
-    TEMPLATE, add_span_band, method_name, resolve_step, token_text,
+    ANCHOR_COLOUR, DROPPED_COLOUR, EVICTED_COLOUR, INK, MODEBAR_ROOM, PROTECTED_COLOUR, SPAN_COLOURS, TEMPLATE,
+    add_span_band, figure_title, layer_label, method_name, resolve_step, title_height, token_text,
 )
 
 
 DROPPED_FILL = "#f5c6c2"
+# Merge groups as alternating bands: three tones in turn, so neighbouring groups always
+# differ and a group reads as one block of colour (a rainbow of 60 groups reads as noise).
+GROUP_TONES = ["#1d4e89", "#5b9bd5", "#b7d7f0"]
 
 
 def group_colours(trace, layer: int) -> dict[int, str]:
-    """Colour of each kept entry of ``layer``, cycling in position order so neighbours differ."""
-    kept = trace.layers[layer].kept
-    return {int(p): GROUP_COLOURS[i % len(GROUP_COLOURS)] for i, p in enumerate(kept)}
+    """Colour of each kept entry of ``layer``: the three tones in turn, in position order,
+    where entries hold merged tokens; the darkest tone for all where nothing was merged
+    (one-position bands in a light tone would look like the grey of evicted ones)."""
+    lt = trace.layers[layer]
+    kept = lt.kept
+    tones = GROUP_TONES if len(lt.merged) else GROUP_TONES[:1]
+    return {int(p): tones[i % len(tones)] for i, p in enumerate(kept)}
 
 
-def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 300) -> go.Figure:
+def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 340) -> go.Figure:
     """One bar per position: prompt positions coloured by their anchor, the cache at ``step``.
 
     Parameters
     ----------
     trace : elastic.Trace
     layer : int
-        Decoder layer to show.
+        Index into ``trace.layers`` of the layer to show.
     step : int or None
         Decode step to replay (0 = right after the prefill; None = the last step).
     height : int
@@ -36,17 +43,21 @@ def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 3
     Returns
     -------
     plotly.graph_objects.Figure
-        Traces: ``prompt`` (a bar per prompt position, ``customdata`` = [position, holding
-        entry, step removed or -1]), ``anchors`` (kept, unprotected positions; ``kept`` for
-        methods that do not merge), ``protected``, ``evicted at prefill``, ``removed while
-        decoding`` (positions whose entry is gone by ``step``), ``generated (held)`` and
-        ``generated (removed)`` (decoded tokens up to ``step``).
+        Traces: ``prompt`` (a bar per prompt position in its group's tone: the kept
+        entries take three tones in turn, :data:`GROUP_TONES`, and every position the tone
+        of the entry holding it; ``customdata`` = [position, holding entry, step removed or
+        -1]), ``groups`` (the legend entry saying one colour band = one merge group),
+        ``anchors`` (thin ticks above the kept, unprotected positions; ``kept`` for
+        methods that do not merge), ``protected``, ``evicted at prefill`` and ``removed
+        while decoding`` (bars over the positions whose entry is gone by ``step``),
+        ``generated (held)`` and ``generated (removed)`` (decoded tokens up to ``step``).
     """
     step = resolve_step(trace, step)
     state = prompt_state(trace, layer, step)
     T = trace.prompt_length
     colours = group_colours(trace, layer)
     sizes = trace.layers[layer].group_sizes()
+    merges = len(trace.layers[layer].merged) > 0
 
     bar_colours, hover = [], []
     for p in range(T):
@@ -71,22 +82,37 @@ def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 3
         customdata=[[p, int(state.group[p]), int(state.dropped_at[p])] for p in range(T)],
         hovertext=hover, hovertemplate="%{hovertext}<extra></extra>", showlegend=False,
     ))
+    # The legend's word for the bands (one entry standing for the three tones).
+    fig.add_trace(go.Bar(
+        name="one colour band = one merge group" if merges else "kept entry",
+        x=[None], y=[None], marker=dict(color=GROUP_TONES[1] if merges else GROUP_TONES[0]), legendgroup="groups", hoverinfo="skip",
+    ))
 
-    def markers(name, xs, y, symbol, colour, size, line_colour="black", hovertemplate=None):
-        fig.add_trace(go.Scatter(
-            name=name, x=[int(x) for x in xs], y=[y] * len(xs), mode="markers",
-            marker=dict(symbol=symbol, color=colour, size=size, line=dict(color=line_colour, width=1)),
-            hovertemplate=hovertemplate or f"{name}: position %{{x}}<extra></extra>",
+    def overlay(name, xs, colour, pattern=None):
+        xs = [int(x) for x in xs]
+        fig.add_trace(go.Bar(
+            name=name, x=xs, y=[1.0] * len(xs), width=1.0,
+            marker=dict(color=colour, line=dict(width=0), pattern=pattern or {}),
+            hovertext=[hover[p] for p in xs], hovertemplate="%{hovertext}<extra></extra>",
         ))
 
+    overlay("evicted at prefill", [p for p, s in enumerate(state.status) if s == EVICTED], EVICTED_COLOUR)
+    overlay("removed while decoding", np.flatnonzero(state.dropped), DROPPED_FILL,
+            dict(shape="x", fgcolor=DROPPED_COLOUR, size=8, solidity=0.15))
+
+    # Kept positions as thin ticks above the bars: neighbours stay apart even in a run of anchors.
     anchor_name = "anchors" if trace.method == "elastic" else "kept"
-    markers(anchor_name, state.anchors, 1.12, "triangle-down", ANCHOR_COLOUR, 7, ANCHOR_COLOUR)
-    markers("protected", [p for p, s in enumerate(state.status) if s == PROTECTED], 1.15, "star",
-            PROTECTED_COLOUR, 11)
-    markers("evicted at prefill", [p for p, s in enumerate(state.status) if s == EVICTED], 0.5, "line-ns",
-            "#7f7f7f", 6, "#7f7f7f")
-    markers("removed while decoding", np.flatnonzero(state.dropped), 0.5, "x-thin", DROPPED_COLOUR, 9,
-            DROPPED_COLOUR)
+    fig.add_trace(go.Scatter(
+        name=anchor_name, x=[int(x) for x in state.anchors], y=[1.13] * len(state.anchors), mode="markers",
+        marker=dict(symbol="line-ns", size=16, line=dict(color=ANCHOR_COLOUR, width=2)),
+        hovertemplate=f"{anchor_name[:-1]}: position %{{x}}<extra></extra>",
+    ))
+    prot = [p for p, s in enumerate(state.status) if s == PROTECTED]
+    fig.add_trace(go.Scatter(
+        name="protected", x=prot, y=[1.13] * len(prot), mode="markers",
+        marker=dict(symbol="star", size=13, color=PROTECTED_COLOUR, line=dict(color=INK, width=1)),
+        hovertemplate="protected (never merged): position %{x}<extra></extra>",
+    ))
 
     # Decoded tokens so far: the sliding window behind the compressed prompt.
     fed = np.arange(T, T + step)
@@ -101,19 +127,19 @@ def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 3
             hovertemplate="%{hovertext}<extra>" + name + "</extra>",
         ))
 
-    add_span_band(fig, trace, y0=-0.32, y1=-0.08, yref="y")
+    add_span_band(fig, trace, y0=-0.34, y1=-0.08, yref="y")
     n_held = len(held)
+    sub = (f"{n_held} entries for {T + step} tokens. "
+           + ("One colour band = one merge group: an anchor (tick) and the tokens merged into it."
+              if merges else "Blue: kept at the prefill; grey: evicted at the prefill."))
+    top, bottom = title_height(sub), 112
     fig.update_layout(
-        title=dict(
-            text=f"Layer {layer}, step {step}: {method_name(trace.method)} holds {n_held} entries "
-                 f"for {T + step} tokens",
-            font=dict(size=14),
-        ),
+        title=figure_title(f"Layer {layer_label(trace, layer)}, step {step}: {method_name(trace.method)}", sub),
         height=height, barmode="overlay", bargap=0,
-        margin=dict(l=30, r=20, t=50, b=90),
+        margin=dict(l=20, r=MODEBAR_ROOM, t=top, b=bottom),
         xaxis=dict(title="original position", range=[-0.5, max(T + step, T) - 0.5], showgrid=False),
-        yaxis=dict(visible=False, range=[-0.4, 1.25]),
-        legend=dict(orientation="h", y=-0.3, yanchor="top", x=0),
+        yaxis=dict(visible=False, range=[-0.38, 1.25]),
+        legend=dict(orientation="h", y=-0.36, yanchor="top", x=0),
         template=TEMPLATE,
     )
     return fig

@@ -7,7 +7,8 @@ import plotly.graph_objects as go
 from PIL import Image
 
 from .state import ANCHOR, EVICTED, MERGED, PROTECTED, prompt_state
-from .style import ANCHOR_COLOUR, DROPPED_COLOUR, TEMPLATE, log_scores, message_figure, resolve_step
+from .style import (ANCHOR_COLOUR, COLORBAR, DROPPED_COLOUR, FONT_SIZE, MODEBAR_ROOM, TEMPLATE, figure_title,
+                    layer_label, log_scores, message_figure, resolve_step, title_height)
 
 # The embedded picture travels to the browser with every figure: keep it small.
 MAX_SIDE = 336
@@ -56,7 +57,7 @@ def fit_image(image: Image.Image, rows: int, cols: int) -> Image.Image:
 
 
 def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step: int | None = None,
-                  height: int = 420) -> go.Figure:
+                  height: int = 460) -> go.Figure:
     """Per-patch importance and status of ``layer`` at ``step``, over the input image.
 
     Parameters
@@ -107,7 +108,8 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
 
     if lt.scores is not None:
         z = log_scores(lt.scores[start:end]).reshape(rows, cols)
-        colorscale, colorbar = "Viridis", dict(title=dict(text="log10<br>score", side="top"), thickness=12)
+        colorscale, colorbar = "Viridis", dict(**COLORBAR, title=dict(text="log10<br>score", side="top",
+                                                                       font=dict(size=FONT_SIZE)))
     else:
         # No scores: colour by whether the patch still lives in the cache.
         alive = (state.group[start:end] >= 0) & ~state.dropped[start:end]
@@ -151,11 +153,11 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
         ))
     n_kept = len(kept)
     n_merged = sum(s == MERGED for s in image_status)
+    sub = (f"prefill kept {n_kept}, merged {n_merged}, evicted {rows * cols - n_kept - n_merged} of {rows * cols}; "
+           f"removed while decoding {int(state.dropped[start:end].sum())}")
     fig.update_layout(
-        title=dict(text=f"Image tokens, layer {layer}, step {step}: prefill kept {n_kept}, merged {n_merged}, "
-                        f"evicted {rows * cols - n_kept - n_merged}; removed while decoding "
-                        f"{int(state.dropped[start:end].sum())}", font=dict(size=14)),
-        height=height, margin=dict(l=20, r=20, t=50, b=40),
+        title=figure_title(f"Image tokens, layer {layer_label(trace, layer)}, step {step}", sub),
+        height=height, margin=dict(l=20, r=MODEBAR_ROOM + 30, t=title_height(sub), b=70),
         xaxis=dict(range=[-0.5, cols - 0.5], showgrid=False, zeroline=False, showticklabels=False, constrain="domain"),
         yaxis=dict(range=[rows - 0.5, -0.5], showgrid=False, zeroline=False, showticklabels=False,
                    scaleanchor="x", scaleratio=1, constrain="domain"),
@@ -163,4 +165,3 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
         template=TEMPLATE,
     )
     return fig
-

@@ -29,16 +29,85 @@ DROPPED_COLOUR = "#c0392b"  # entries removed while decoding
 ANCHOR_COLOUR = "#111111"
 PROTECTED_COLOUR = "#f4c20d"
 
-# Every figure's template: transparent backgrounds and mid-grey text and grid, so the same
-# figure reads on gradio's light and dark themes (plotly_white is a white box on a dark page).
-INK = "#8a8a8a"  # contrast 3.4:1 on white, 5.6:1 on gradio's dark background
-GRID = "rgba(128,128,128,0.25)"
+# Every figure reads from the back of a room, on gradio's light and dark themes alike.
+# A transparent figure cannot: no single text colour reaches WCAG AA (4.5:1) on both a white
+# page and gradio's dark page (#0b0f19, at best 4.4:1), so every figure has its own white
+# background and near-black text (a white card on the dark theme).
+PAPER = "#ffffff"
+INK = "#1f2937"  # 14.7:1 on white (gradio's own body text colour)
+MUTED = "#4b5563"  # subtitles and notes: 7.6:1 on white
+GRID = "rgba(31,41,55,0.14)"
+FONT_SIZE = 14  # the smallest text in any figure, in px
+TITLE_SIZE = 18
+# gradio's dark theme (gr.themes.Soft / Default, gradio 6.31): the page and a block behind a plot.
+DARK_PAGE, DARK_BLOCK = "#0b0f19", "#1f2937"
+# The modebar (plotly's toolbar, shown on hover) stands as a column in the right margin, so
+# it never covers a title; the right margin of every figure keeps room for it.
+MODEBAR_ROOM = 44
 TEMPLATE = go.layout.Template(pio.templates["plotly_white"])
 TEMPLATE.layout.update(
-    paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", font=dict(color=INK),
-    xaxis=dict(gridcolor=GRID, zerolinecolor=GRID, linecolor=GRID), yaxis=dict(gridcolor=GRID, zerolinecolor=GRID,
-                                                                                 linecolor=GRID),
+    paper_bgcolor=PAPER, plot_bgcolor=PAPER, font=dict(size=FONT_SIZE, color=INK),
+    title=dict(font=dict(size=TITLE_SIZE, color=INK)),
+    hoverlabel=dict(bgcolor=PAPER, bordercolor=INK, font=dict(size=FONT_SIZE, color=INK)),
+    legend=dict(font=dict(size=FONT_SIZE, color=INK), bgcolor="rgba(0,0,0,0)"),
+    modebar=dict(orientation="v", bgcolor="rgba(255,255,255,0.9)", color=MUTED, activecolor=INK,
+                 remove=["lasso2d", "select2d", "zoomIn2d", "zoomOut2d", "autoScale2d"]),
+    xaxis=dict(gridcolor=GRID, zerolinecolor=GRID, linecolor=GRID, tickfont=dict(size=FONT_SIZE, color=INK),
+               title=dict(font=dict(size=FONT_SIZE + 1, color=INK))),
+    yaxis=dict(gridcolor=GRID, zerolinecolor=GRID, linecolor=GRID, tickfont=dict(size=FONT_SIZE, color=INK),
+               title=dict(font=dict(size=FONT_SIZE + 1, color=INK))),
 )
+# Colour bars take their fonts from the trace, not the layout template's axes.
+COLORBAR = dict(tickfont=dict(size=FONT_SIZE, color=INK), thickness=14)
+
+
+def figure_title(text: str, subtitle: str = "", width: int = 72) -> dict:
+    """A figure title at the top left: ``text`` at 18 px, ``subtitle`` (wrapped at
+    ``width`` characters) at 14 px below it, clear of the modebar in the right margin."""
+    out = dict(text=text, x=0, xref="container", xanchor="left", y=1, yref="container", yanchor="top",
+               pad=dict(l=12, t=10), font=dict(size=TITLE_SIZE, color=INK))
+    if subtitle:
+        out["subtitle"] = dict(text=wrap(subtitle, width), font=dict(size=FONT_SIZE, color=MUTED))
+    return out
+
+
+def title_height(subtitle: str = "", width: int = 72) -> int:
+    """Pixels the title of :func:`figure_title` takes from the top of the figure."""
+    lines = wrap(subtitle, width).count("<br>") + 1 if subtitle else 0
+    return 10 + 26 + 20 * lines + 8
+
+
+def wrap(text: str, width: int) -> str:
+    """Break ``text`` into lines of at most ``width`` characters joined by ``<br>``
+    (plotly never wraps a title itself: a long one runs out of the figure)."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "<br>".join(lines + [line])
+
+
+def layer_ids(trace) -> list[int]:
+    """Decoder index of each traced layer (``trace.layer_ids``: a hybrid model traces only
+    its full-attention layers), else ``0 .. L-1``. Every layer axis and label reads this."""
+    ids = getattr(trace, "layer_ids", None)
+    return [int(i) for i in ids] if ids is not None else list(range(trace.num_layers))
+
+
+def layer_label(trace, layer: int) -> int:
+    """The decoder index shown for traced layer ``layer``."""
+    return layer_ids(trace)[layer]
+
+
+def layer_axis(trace, every: int = 1) -> dict:
+    """Axis ticks at traced layers ``0, every, 2*every, ...`` labelled with their decoder index."""
+    ids = layer_ids(trace)
+    vals = list(range(0, len(ids), max(1, every)))
+    return dict(tickmode="array", tickvals=vals, ticktext=[str(ids[i]) for i in vals])
+
 
 # log10 of a score of exactly zero would be -inf; no real attention mass is this small.
 SCORE_FLOOR = 1e-6
@@ -83,27 +152,55 @@ def span_names(trace) -> list[str]:
     return [trace.token_type(p) for p in range(trace.prompt_length)]
 
 
+def luminance(colour: str) -> float:
+    """WCAG relative luminance of a ``#rrggbb`` colour."""
+    rgb = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    rgb = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+
+
+def ink_on(fill: str) -> str:
+    """Near-black or white, whichever reads better on ``fill`` (a ``#rrggbb`` colour)."""
+    dark, light = "#111111", "#ffffff"
+    on = luminance(fill)
+    return dark if (on + 0.05) / (luminance(dark) + 0.05) >= (1.05 / (on + 0.05)) else light
+
+
 def add_span_band(fig: go.Figure, trace, y0: float, y1: float, yref: str = "paper", xref: str = "x") -> None:
-    """Draw one coloured rectangle per prompt span (system / image / instruction) with its name."""
-    for name, (start, end) in trace.spans.items():
+    """Draw one coloured rectangle per prompt span (system / image / instruction) with its name.
+
+    A name sits on a box of its span's colour, in the ink that reads on it; the first span's
+    name starts at its left edge and the last one's ends at its right edge, so no name runs
+    out of the figure.
+    """
+    spans = sorted(trace.spans.items(), key=lambda item: item[1][0])
+    for i, (name, (start, end)) in enumerate(spans):
         colour = SPAN_COLOURS.get(name, SPAN_COLOURS["text"])
         fig.add_shape(
             type="rect", xref=xref, yref=yref, x0=start - 0.5, x1=end - 0.5, y0=y0, y1=y1,
-            fillcolor=colour, line=dict(width=0), opacity=0.85, name=f"span:{name}",
+            fillcolor=colour, line=dict(width=0), name=f"span:{name}",
         )
+        x, anchor = (start + end - 1) / 2, "center"
+        if i == 0 and len(spans) > 1:
+            x, anchor = start - 0.5, "left"
+        elif i == len(spans) - 1 and len(spans) > 1:
+            x, anchor = end - 0.5, "right"
         fig.add_annotation(
-            x=(start + end - 1) / 2, y=(y0 + y1) / 2, xref=xref, yref=yref, text=name,
-            showarrow=False, font=dict(size=10, color="white"), yanchor="middle",
+            x=x, y=(y0 + y1) / 2, xref=xref, yref=yref, text=name, xanchor=anchor, yanchor="middle",
+            showarrow=False, bgcolor=colour, borderpad=1, font=dict(size=FONT_SIZE, color=ink_on(colour)),
+            name=f"span label:{name}",
         )
 
 
 def message_figure(text: str, title: str = "", height: int = 260) -> go.Figure:
     """An empty figure that says why there is nothing to draw."""
     fig = go.Figure()
-    fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
+    fig.add_annotation(text=wrap(text, 60), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=FONT_SIZE + 2, color=INK))
     fig.update_layout(
-        title=title, height=height, xaxis=dict(visible=False), yaxis=dict(visible=False),
-        margin=dict(l=20, r=20, t=50 if title else 20, b=20), template=TEMPLATE,
+        title=figure_title(title) if title else None, height=height, xaxis=dict(visible=False),
+        yaxis=dict(visible=False), margin=dict(l=20, r=MODEBAR_ROOM, t=title_height() if title else 20, b=20),
+        template=TEMPLATE,
     )
     return fig
 
