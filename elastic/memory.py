@@ -560,6 +560,26 @@ def describe(table: list[Row], shape: ModelShape | None = None) -> str:
     return "\n".join(lines)
 
 
+def summary(models=MODELS, tokens=(1024, 4096, 16384), batch: int = 8, method: str = "elastic",
+            budget: float = 0.2, **options) -> str:
+    """A markdown table across models: the whole cache (compressed layers' buffers + window
+    + state) of the full cache and of ``method`` at ``budget``, and the share of the full
+    cache the policies can compress at all (the full-attention layers' K/V)."""
+    lines = [f"| model | layers: full / sliding / linear or conv | context | full cache, batch {batch} (GiB) | "
+             f"{method} {budget:g}, batch {batch} (GiB) | whole cache saved | compressible share of the full cache |",
+             "|---|---|---|---|---|---|---|"]
+    for name in models:
+        shape = model_shape(name)
+        kinds = f"{shape.full_layers} / {len(shape.windows)} / {shape.layers - shape.full_layers - len(shape.windows)}"
+        table = rows(name, tokens, [batch], ["full", method], [budget], **options)
+        for T in tokens:
+            f, r = [x for x in table if x.tokens == T]
+            lines.append(f"| {name} | {kinds} | {T}{' †' if f.beyond_context else ''} | {_gib(f.cache_bytes)} | "
+                         f"{_gib(r.cache_bytes)} | {1 - r.cache_bytes / f.cache_bytes:.1%} | "
+                         f"{f.allocated_bytes / f.cache_bytes:.1%} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[Row]:
     ap = argparse.ArgumentParser(prog="python -m elastic.memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llava-1.5-7b", help=f"{', '.join(MODELS)}, or a configuration directory")
@@ -575,11 +595,19 @@ def main(argv=None) -> list[Row]:
                     help=f"image height and width (Qwen-VL families; default {DEFAULT_IMAGE[0]} {DEFAULT_IMAGE[1]})")
     ap.add_argument("--system", type=int, default=None, help="tokens before the image (default: the chat template's)")
     ap.add_argument("--image", type=int, default=None, help="image tokens (default: from the image processor's config)")
+    ap.add_argument("--summary", action="store_true",
+                    help="one table across every model in assets/configs: full cache against the first of --methods "
+                         "other than full at the first budget, batch = the last --batch")
     args = ap.parse_args(argv)
     methods = list(METHODS) if args.methods == ["all"] else [m for arg in args.methods for m in arg.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.summary:
+        method = next((m for m in methods if m != "full"), "elastic")
+        print(summary(MODELS, tuple(args.tokens), args.batch[-1], method, args.budgets[0], new=args.new,
+                      dtype=args.dtype, reserve=args.reserve))
+        return []
     try:
         table = rows(args.model, args.tokens, args.batch, methods, args.budgets, args.new, args.dtype, args.reserve,
                      tuple(args.image_size) if args.image_size else None, args.system, args.image)
