@@ -321,13 +321,22 @@ def test_families_that_need_torchvision_refused(tmp_path, config_class):
     assert "pip install torchvision" in str(error.value)
 
 
-def test_without_video_keeps_the_class_and_refuses_videos(tmp_path):
+def test_without_video_keeps_the_class_saves_and_refuses_videos(tmp_path):
+    """The video-free processor is the family's class, saves as transformers writes it (the
+    sub-processor configs inside processor_config.json) and loads back the same; a video
+    raises a clear error."""
     vocab = family_vocab(QWEN)
-    save_checkpoint(tmp_path, vocab, merged_patch_config("qwen2_vl", vocab),
-                    transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2),
-                    QWEN, QWEN_IMAGE)
-    processor = load_processor(str(tmp_path))
+    config = merged_patch_config("qwen2_vl", vocab)
+    save_checkpoint(tmp_path, vocab, config, transformers.Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=64 * 64), QWEN, QWEN_IMAGE)
+    processor, inputs = process(tmp_path, Image.new("RGB", (32, 24), "red"))
     assert type(processor) is without_video(transformers.Qwen2VLProcessor)
+    processor.save_pretrained(tmp_path / "saved")
+    config.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "processor_config.json").read_text())["processor_class"] == \
+        "Qwen2VLProcessor"
+    _, again = process(tmp_path / "saved", Image.new("RGB", (32, 24), "red"))
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
     with pytest.raises(ValueError, match="torchvision"):
         processor(text="<|video_pad|>", videos=[torch.zeros(2, 3, 8, 8)], return_tensors="pt")
 
