@@ -7,7 +7,12 @@
 
 The model is built from its published configuration (``assets/configs/<name>``, no hub,
 no weights) on the ``meta`` device: layers, KV heads and head size are read from the
-built attention modules, the parameter count from the built parameters.
+built attention modules, the parameter count from the built parameters. The prompt is
+split as the model's processor would split it (system text before the image, the image
+tokens, then text up to the requested context). Every entry count comes from the
+library itself: the policy's ``prompt_keep`` after the prefill, its ``capacity`` while
+decoding (:func:`elastic.budget.keep_count` underneath), and a preallocated layer's
+buffer of ``capacity(T + reserve) + 1`` slots (:class:`elastic.cache.PreallocatedLayer`).
 
 Only the decoder's ``"full_attention"`` layers are compressed (what :mod:`elastic.cache`
 does): the budget, the entry counts and the K/V bytes of every method are theirs. The
@@ -18,12 +23,7 @@ linear-attention layer (Gated DeltaNet) keeps a conv state of ``(2 x key heads x
 + value heads x value dim) x conv kernel`` values in the model's dtype and a recurrent
 state of ``value heads x key dim x value dim`` in float32 (transformers' kernels keep it
 in float32); a conv layer (LFM2) keeps ``hidden x conv_L_cache`` values. All of these are
-read from the text configuration. The prompt is
-split as the model's processor would split it (system text before the image, the image
-tokens, then text up to the requested context). Every entry count comes from the
-library itself: the policy's ``prompt_keep`` after the prefill, its ``capacity`` while
-decoding (:func:`elastic.budget.keep_count` underneath), and a preallocated layer's
-buffer of ``capacity(T + reserve) + 1`` slots (:class:`elastic.cache.PreallocatedLayer`).
+read from the text configuration (``docs/memory.md``).
 
 Methods that give every layer its own budget from the attention (PrefixKV, VL-Cache:
 ``budgets_per_layer``) cannot be split per layer without running the model. What the
@@ -32,7 +32,8 @@ and that is what the calculator reports for them (counts summed over the layers)
 end and buffer counts are those of the even split, which any split matches within one
 entry per layer (each layer rounds its own ``ceil``).
 
-Bytes are ``2 (K and V) x layers x KV heads x head_dim x entries x batch x dtype bytes``.
+Bytes are ``2 (K and V) x full-attention layers x KV heads x head_dim x entries x batch x
+dtype bytes``.
 Not counted: a preallocated layer's positions (int64) and, for scoring policies, its
 per-entry scores (float32), one value per slot and row (under 0.1% of the K/V at
 head_dim 128), activations, and the transient prefill (a layer holds its whole prompt
