@@ -71,12 +71,11 @@ def load_processor(name: str, config=None):
             f"cannot be used with a CPU build of torch; load {name!r} on a machine with the CUDA build of torch "
             "and the matching torchvision (`pip install torchvision`)"
         )
-    if cls is None or "video_processor" not in cls.get_attributes():
-        # LLaVA, LLaVA-NeXT, Gemma 3: no video processor; the auto
-        # classes pick the PIL image processor by themselves.
-        _check_pil_image_processor(config.model_type, name)
-        return _explain(AutoProcessor.from_pretrained, name, trust_remote_code=False)
     _check_pil_image_processor(config.model_type, name)
+    if cls is None or "video_processor" not in cls.get_attributes():
+        # LLaVA, LLaVA-NeXT, Gemma 3: no video processor; the auto classes pick the PIL
+        # image processor by themselves
+        return _explain(AutoProcessor.from_pretrained, name, trust_remote_code=False)
     processor_dict, _ = cls.get_processor_dict(name, trust_remote_code=False)
     # the processor's own options (image_seq_len, num_image_tokens, vision_aspect_ratio, the
     # chat template ...), as from_pretrained would pass them
@@ -114,7 +113,7 @@ class NoVideoProcessor:
 
     num_frames = None
     fps = None
-    model_input_names: list[str] = []
+    model_input_names = ()
 
     def __call__(self, *args, **kwargs):
         raise ValueError(
