@@ -11,11 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from fractions import Fraction
+from html import unescape
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -25,6 +28,7 @@ from PIL import Image
 import app
 import elastic
 import viz
+from explorer import guards, limits, runner, sessions
 from test_viz import arr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,6 +317,33 @@ def test_stop_ends_the_generation_and_keeps_what_was_written(server, images):
     assert session_trace(client).decode_steps == n_natural and "Stopped" not in again[2]  # the next one runs
 
 
+def test_the_live_panel_follows_the_answer_while_it_streams(server, images):
+    # What the page's timer asks for while the answer streams (/live): the prefill's figures
+    # first, then the decoding views of later steps; each is checked against the final trace.
+    client = Client(server.url, verbose=False)
+    message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}
+    drawn = []  # (was the answer still streaming, /live's outputs)
+    with endless(server.model):
+        job = client.submit(message, [], "elastic", 0.5, 1, -8, 60, 0, api_name="/chat")
+        while not job.done():
+            out = client.predict(0, 0, api_name="/live")
+            drawn.append((not job.done(), out))
+            time.sleep(0.2)
+        job.result()
+    final = session_trace(client)
+    plots = [(streaming, out) for streaming, out in drawn if isinstance(out[3], dict) and "plot" in out[3]]
+    assert len(plots) >= 2 and all(streaming for streaming, _ in plots[:2]), "no live figures while streaming"
+    first = plots[0][1]
+    heat = figure(first[0])  # the prefill's figures: drawn once, from the first snapshot
+    np.testing.assert_allclose(arr(trace_data(heat, "scores")["customdata"]), final.scores_matrix(), rtol=1e-6)
+    steps = []
+    for _, out in plots:
+        lengths = arr(trace_data(figure(out[3]), "cache length")["y"]).tolist()
+        assert lengths == list(final.lengths[:len(lengths)])  # the answer's cache, as far as it got
+        steps.append(out[-2]["value"])
+    assert steps == sorted(steps) and steps[-1] > steps[0] and steps[-1] <= final.decode_steps
+
+
 def test_a_chat_whose_client_leaves_stops_generating(server, images):
     client = Client(server.url, verbose=False)
     message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}
@@ -346,6 +377,36 @@ def test_compare_endpoint_returns_answers_and_metrics(server, images):
     T = metrics["full"]["prompt_tokens"]
     uniform = -(-3 * T // 10)  # ceil(0.3 * T), exactly
     assert all(arr(t["y"]).tolist() == [uniform] * len(arr(t["x"])) for t in bars[:2])
+
+
+def test_compare_shows_each_answer_as_it_is_written(server, images):
+    client = Client(server.url, verbose=False)
+    with endless(server.model):  # every answer runs to the token limit
+        job = client.submit(handle_file(str(images["red"])), "Describe the image.", 0.5, 30, ["h2o"],
+                            api_name="/compare")
+        while not job.done():
+            time.sleep(0.2)
+        html, payload, *_ = job.result()
+    streamed = [out[0] for out in job.outputs()[:-1]]
+    # Before the end: the heading names the question, the image and the budget; a method is
+    # being written, and its column holds a beginning of the answer it ends with.
+    assert all("“Describe the image.”" in h and "red.png" in h and "budget 0.5" in h for h in streamed)
+    partial = {}
+    for h in streamed:
+        for method in ("full", "h2o"):
+            start = h.find(f'data-method="{method}"')
+            if "writing" in h and start >= 0 and " …" in h[start:]:
+                body = unescape(h[start:].split("<div style='min-height:4em'>")[1].split(" …")[0])
+                partial.setdefault(method, body)
+    assert set(partial) == {"full", "h2o"}, "no partial answer shown while the comparison ran"
+    for method, body in partial.items():
+        assert body.strip() and payload["answers"][method].startswith(body.strip())
+        assert len(body.strip()) < len(payload["answers"][method])
+    # The end: KV kept against the full cache's bytes, and what this prompt length allows.
+    kv = payload["metrics"]
+    share = kv["h2o"]["kv_bytes"] / kv["full"]["kv_bytes"]
+    assert f"({share:.0%} of full)" in html and "(100% of full)" in html
+    assert "saves memory, not time" in html and "benchmarks.md" in html
 
 
 def test_compare_can_add_local(server, images):
@@ -484,7 +545,7 @@ def test_a_long_question_under_the_body_limit_is_refused_before_tokenising(serve
 
 def test_a_request_stops_at_the_time_limit(server, images, monkeypatch):
     client = Client(server.url, verbose=False)
-    monkeypatch.setattr(app, "MAX_SECONDS", 3.0)
+    monkeypatch.setattr(limits, "MAX_SECONDS", 3.0)
     with endless(server.model):
         start = time.perf_counter()
         out = chat(client, images["red"], "Describe the image in detail.", method="full", max_new_tokens=500)[-1]
@@ -560,7 +621,7 @@ def test_a_user_mistake_is_one_line_in_the_log(server, images, capfd):
 
 
 def test_layer_nan_is_read_as_zero():
-    assert [app._index(v) for v in (float("nan"), None, "abc", 3.7, float("inf"), 2)] == [0, 0, 0, 3, 0, 2]
+    assert [guards.index(v) for v in (float("nan"), None, "abc", 3.7, float("inf"), 2)] == [0, 0, 0, 3, 0, 2]
 
 
 def test_an_abandoned_compare_stops_generating(server, images):
@@ -587,9 +648,9 @@ def test_stop_ends_a_compare_with_the_answers_so_far(server, images):
 
 
 def test_one_client_evicts_only_its_own_sessions(monkeypatch):
-    monkeypatch.setattr(app, "SESSIONS", app.OrderedDict())
-    monkeypatch.setattr(app, "MAX_SESSIONS", 6)
-    monkeypatch.setattr(app, "MAX_SESSIONS_PER_CLIENT", 3)
+    monkeypatch.setattr(sessions, "SESSIONS", OrderedDict())
+    monkeypatch.setattr(limits, "MAX_SESSIONS", 6)
+    monkeypatch.setattr(limits, "MAX_SESSIONS_PER_CLIENT", 3)
 
     def visit(host, key):
         return app.session_of(SimpleNamespace(session_hash=key, client=SimpleNamespace(host=host)))
@@ -597,12 +658,12 @@ def test_one_client_evicts_only_its_own_sessions(monkeypatch):
     mine = [visit("10.0.0.1", f"mine{i}") for i in range(2)]
     for i in range(200):  # one client opens many sessions
         visit("10.0.0.2", f"spam{i}")
-    assert [app.SESSIONS[f"mine{i}"] for i in range(2)] == mine  # untouched
-    assert [k for k in app.SESSIONS if k.startswith("spam")] == ["spam197", "spam198", "spam199"]
+    assert [sessions.SESSIONS[f"mine{i}"] for i in range(2)] == mine  # untouched
+    assert [k for k in sessions.SESSIONS if k.startswith("spam")] == ["spam197", "spam198", "spam199"]
     for host in ("10.0.0.3", "10.0.0.4"):  # the table fills: the heaviest client gives way
         visit(host, host)
-    assert len(app.SESSIONS) == 6 and all(f"mine{i}" in app.SESSIONS for i in range(2))
-    assert sum(k.startswith("spam") for k in app.SESSIONS) == 2
+    assert len(sessions.SESSIONS) == 6 and all(f"mine{i}" in sessions.SESSIONS for i in range(2))
+    assert sum(k.startswith("spam") for k in sessions.SESSIONS) == 2
 
 
 def test_the_server_holds_gradio_state_for_no_more_sessions_than_its_own(server):
@@ -706,8 +767,8 @@ def test_compare_with_context_answers_as_the_chat_does(server):
 
 
 def test_the_waiting_status_says_what_runs_and_how_long_answers_take(monkeypatch):
-    monkeypatch.setattr(app, "GENERATING", {object()})
-    monkeypatch.setattr(app, "DURATIONS", app.deque([4.0, 10.0, 6.0]))
+    monkeypatch.setattr(runner, "GENERATING", {object()})
+    monkeypatch.setattr(runner, "DURATIONS", deque([4.0, 10.0, 6.0]))
     status = app.waiting_status({"text": "what colour?"})
     assert "“what colour?”" in status and "1 running now" in status and "about 6 s" in status
     assert app.waiting_status({"text": "  "}) == "" and app.waiting_status(None) == ""
@@ -717,7 +778,7 @@ def test_compare_methods_are_checked_and_ordered():
     assert app.compare_methods(["tova", "elastic"]) == ("full", "elastic", "tova")
     assert app.compare_methods(None) == app.COMPARE_METHODS
     assert app.compare_methods(True) == app.COMPARE_METHODS + ("local",)  # the old include_local flag
-    with pytest.raises(app.gr.Error, match="Unknown method"):
+    with pytest.raises(gr.Error, match="Unknown method"):
         app.compare_methods(["elastic", "mystery"])
-    with pytest.raises(app.gr.Error, match="at least one method"):
+    with pytest.raises(gr.Error, match="at least one method"):
         app.compare_methods(["full"])

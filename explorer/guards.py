@@ -1,0 +1,160 @@
+"""Checks at the door: what a request may carry before any heavy work runs.
+
+Image paths (only uploads and shipped examples), numbers from API clients, the question's
+length, the JSON body's size (an ASGI middleware), and the queue's size rule (only events
+that wait for the model are refused when it is full).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from . import limits
+from .defaults import EXAMPLES_DIR
+from .limits import refused
+
+
+def served_image(path) -> str:
+    """``path`` if it is a file this server handed out: an upload (inside gradio's upload
+    folder) or a shipped example. Anything else, e.g. a server path sent through the API
+    without gradio's file marker, is refused with a message that says nothing about it."""
+    folders = (Path(gr.utils.get_upload_folder()).resolve(), EXAMPLES_DIR.resolve())
+    try:
+        resolved = Path(str(path)).resolve()
+        if any(resolved.is_relative_to(folder) for folder in folders):
+            return str(resolved)
+    except (OSError, ValueError, RuntimeError):
+        pass
+    raise ValueError("images must be uploaded through the app (file paths are not accepted)")
+
+
+def without_folder(error: Exception, path: str) -> str:
+    """The error text without the server's upload folder (it means nothing to users)."""
+    return str(error).replace(str(Path(path).parent) + os.sep, "")
+
+
+def readable_image_input(component: gr.Image) -> gr.Image:
+    """Make an image input answer unreadable uploads with a clear message, not a server error.
+
+    Wraps the instance's ``preprocess`` (a subclass would make gradio write a ``.pyi``).
+    """
+    preprocess = component.preprocess
+
+    def checked(payload):
+        # Before gradio's preprocess, which would open whatever path an API payload names.
+        path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", None)
+        if path is not None:
+            try:
+                served_image(path)
+            except ValueError as error:
+                raise refused(str(error)) from None
+        try:
+            return preprocess(payload)
+        except Exception:
+            raise refused("That upload is not an image I can read.") from None
+
+    component.preprocess = checked
+    return component
+
+
+def checked_number(component: gr.Slider) -> gr.Slider:
+    """Make a slider refuse what API clients may send instead of a number ("abc", None, NaN)
+    with a message that names it; gradio's own bounds check follows."""
+    preprocess = component.preprocess
+
+    def checked(payload):
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
+            raise refused(f"{component.label} must be a number from {component.minimum:g} to "
+                          f"{component.maximum:g}, got {str(payload)[:40]!r}.")
+        try:
+            return preprocess(payload)
+        except Exception as error:
+            raise refused(f"{component.label}: {error}") from None
+
+    component.preprocess = checked
+    return component
+
+
+def checked_text(question: str) -> str:
+    """``question`` stripped; ``ValueError`` if it is too long or not valid text."""
+    if len(question) > limits.MAX_QUESTION_CHARS:
+        raise ValueError(f"The message has {len(question)} characters; the limit is {limits.MAX_QUESTION_CHARS}.")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("The message has characters that are not valid text (a lone surrogate).") from None
+    return question.strip()
+
+
+def index(value) -> int:
+    """A slider position as an index; what is not a finite number (an API client's NaN,
+    None or text) is 0. Figures clamp it to their range."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(value) if math.isfinite(value) else 0
+
+
+class RequestTooLarge:
+    """ASGI middleware: refuse JSON request bodies over ``limit`` bytes before reading them
+    (uploads go to gradio's upload route, which has its own cap)."""
+
+    def __init__(self, app, limit: int | None = None):
+        self.app, self.limit = app, limits.MAX_BODY_BYTES if limit is None else limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].endswith("/upload"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            body = json.dumps({"error": f"request body over {self.limit // 1024} KiB"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            return await send({"type": "http.response.body", "body": body})
+        received = 0
+
+        async def counted():  # a chunked body without a length is cut off at the limit
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise ValueError(f"request body over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+def bound_only_model_events(blocks: gr.Blocks) -> None:
+    """Apply the queue's ``max_size`` to the events that wait for the model (chat and
+    compare) only. Gradio 6 puts every event through its queue and refuses any of them while
+    it is full, even those with ``queue=False``: a class filling the queue would leave Stop,
+    the panel of a finished answer and the sliders refused with "Queue is full"."""
+    queue = blocks._queue
+    push = queue.push
+    exempt = {"running": 0, "limit": None}  # pushes in flight, and the limit they lifted
+
+    async def push_bounded(body, request, username):
+        fn = blocks.fns.get(body.fn_index) if body.fn_index is not None else None
+        if fn is None or fn.concurrency_id == "model":
+            return await push(body, request, username)
+        # Room for this push (its size check runs before its first await); a model event
+        # pushed while this one waits on a lock gets at most one extra place.
+        if not exempt["running"]:
+            exempt["limit"] = queue.max_size
+        exempt["running"] += 1
+        limit = exempt["limit"]
+        queue.max_size = None if limit is None else max(limit, len(queue) + 1)
+        try:
+            return await push(body, request, username)
+        finally:
+            exempt["running"] -= 1
+            if not exempt["running"]:
+                queue.max_size = limit
+
+    queue.push = push_bounded
