@@ -10,6 +10,18 @@ layer its own budget (PrefixKV, VL-Cache): then layers differ in length, and a d
 step attends without a mask (compressed caches never hold padding, so a single query
 sees every entry it holds; see :func:`elastic.scoring.attach`).
 
+A cache holds one layer object per entry of the text decoder's layer types (bound before
+the first forward by the hook of :func:`elastic.attach`, or by ``make_cache(config=...)``):
+the policy compresses the ``"full_attention"`` layers; the others are transformers' own
+layers and behave exactly as in transformers' ``DynamicCache``. Sliding-window and chunked
+layers (``DynamicSlidingWindowLayer``) are not compressed further: their window already
+bounds them at ``W`` entries whatever the prompt length, and transformers builds their
+mask from the last ``W`` positions in order (``get_mask_sizes``), which an evicted or
+merged entry would break. Linear-attention and conv layers (``LinearAttentionLayer``)
+hold a fixed-size state, not one entry per token: there is nothing to evict. The budget,
+the trace and :meth:`PolicyCache.kv_bytes` count the full-attention layers only;
+:meth:`PolicyCache.state_bytes` reports the bounded state of the others.
+
 Two storage layouts make the same decisions:
 
 * ``"preallocated"`` (default, :class:`PreallocatedLayer`): after the prefill the K/V live
@@ -25,7 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from . import scoring
 from .budget import keep_count
@@ -57,10 +70,11 @@ class PolicyLayer(DynamicLayer):
     keeps its own positions (``_rows`` views the K/V that way); otherwise ``rows = B``.
     """
 
-    def __init__(self, cache: "PolicyCache", layer_idx: int):
+    def __init__(self, policy: Policy, layer_idx: int):
         super().__init__()
-        self.cache = cache
-        self.layer_idx = layer_idx
+        self.policy = policy
+        self.layer_idx = layer_idx  # the decoder layer it caches
+        self.spans: dict | None = None  # the prompt's token-type spans, set at the prefill
         self.positions: torch.Tensor | None = None  # [rows, S] original position of each slot
         self.accumulated: torch.Tensor | None = None  # [rows, S] per-entry decode score (H2O, TOVA)
         self.groups = 1  # rows per sample: KV heads for a per-head policy
@@ -77,12 +91,8 @@ class PolicyLayer(DynamicLayer):
         self.prefill_group: torch.Tensor | None = None
         self.evicted: list[tuple[int, torch.Tensor]] = []  # (decode step, original positions [rows])
 
-    @property
-    def policy(self) -> Policy:
-        return self.cache.policy
-
     def capacity(self) -> int:
-        return self.policy.capacity(self.seen, self.prompt_length, self.cache.spans, self.budget)
+        return self.policy.capacity(self.seen, self.prompt_length, self.spans, self.budget)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, S, D]`` as ``[B * G, H / G, S, D]``, one row per selection (a view)."""
@@ -94,15 +104,12 @@ class PolicyLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if self.awaiting_attention:
             raise RuntimeError(_NOT_ATTACHED)
-        if self in self.cache.pending:  # its last step waits for a last layer the hook never named
-            self.cache.finish_step()
         n_new = key_states.shape[-2]
         if self.prompt_length is not None and n_new != 1:
             raise ValueError(_NO_CONTINUATION.format(n=n_new))
         keys, values = self._append(key_states, value_states)
         self.seen += n_new
         self.awaiting_attention = True
-        scoring._waiting.layer = self
         return keys, values
 
     def _append(self, key_states, value_states):
@@ -118,44 +125,36 @@ class PolicyLayer(DynamicLayer):
         """Slot ``[rows]`` of each row's entry with the ``rank``-th smallest original position."""
         return torch.full((self.positions.shape[0],), rank, dtype=torch.long, device=self.keys.device)
 
-    def after_attention(self, query, key, attention_mask, scaling, num_layers: int | None = None):
-        """Compress now that the layer has attended (called by the attach hook)."""
+    def after_attention(self, query, key, attention_mask, scaling, spans: dict | None = None) -> bool:
+        """Score and compress now that the layer has attended (the cache calls it from the
+        attach hook). Return True if the step waits for the other layers (a score shared by
+        all layers, or one budget per layer): the cache's :class:`CrossLayerStep` then
+        finishes it through :meth:`_compress` / :meth:`_evict`."""
         self.awaiting_attention = False
         if self.prompt_length is None:
-            self._prefill(query, key, attention_mask, scaling, num_layers)
-        else:
-            self._decode(query, key, scaling, num_layers)
+            self.spans = spans
+            return self._prefill(query, key, attention_mask, scaling)
+        return self._decode(query, key, scaling)
 
-    def _prefill(self, query, key, attention_mask, scaling, num_layers=None):
-        policy, T, B = self.policy, self.seen, self.keys.shape[0]
-        if policy.name != "full" and _has_padding(attention_mask):
-            raise ValueError(
-                "a padded batch cannot be compressed: evicted slots would no longer line up "
-                "with the padding mask; pass equal-length prompts or one prompt at a time"
-            )
-        self.prompt_length = T
+    def _prefill(self, query, key, attention_mask, scaling) -> bool:
+        policy = self.policy
+        self.prompt_length = self.seen
         self.groups = self.keys.shape[1] if policy.per_head else 1
-        scores, self.budget_stat = (policy.prefill_scores(query, key, scaling, self.cache.spans)
+        scores, self.budget_stat = (policy.prefill_scores(query, key, scaling, self.spans)
                                     if policy.scores_prefill else (None, None))
         if scores is not None and policy.per_head:
             scores = scores.flatten(0, 1)  # [B, H_kv, T] -> one row per (sample, KV head)
         self.prefill_scores = scores
         if policy.shared_across_layers or policy.budgets_per_layer:  # planned once every layer has attended
-            self._wait(num_layers)
-            return
+            return True
         self._compress(scores)
-
-    def _wait(self, num_layers):
-        """Leave this layer's step to the cache, which finishes it once the last layer attended."""
-        self.cache.pending.append(self)
-        if num_layers is not None and self.layer_idx == num_layers - 1:
-            self.cache.finish_step()
+        return False
 
     def _compress(self, scores: torch.Tensor | None):
         """Apply the policy's prefill plan for ``scores`` ``[rows, T]``."""
         policy, B = self.policy, self.keys.shape[0]
         prompt = Prefill(length=self.prompt_length, rows=B * self.groups, device=self.keys.device,
-                         spans=self.cache.spans, keys=self._rows(self.keys), budget=self.budget)
+                         spans=self.spans, keys=self._rows(self.keys), budget=self.budget)
         group = policy.plan_prefill(scores, prompt)
         kept = self._fold(group)
         if policy.scores_decode:
@@ -164,14 +163,14 @@ class PolicyLayer(DynamicLayer):
         self.prefill_scores, self.prefill_group, self.budget_stat = scores, group, None
         self.history.append(self.prompt_entries)
 
-    def _decode(self, query, key, scaling, num_layers=None):
+    def _decode(self, query, key, scaling) -> bool:
         policy = self.policy
         received = policy.decode_score(query, key, scaling) if policy.scores_decode else None
         if received is not None and policy.shared_across_layers:  # one score: all layers must attend first
             self.pending_received = received
-            self._wait(num_layers)
-            return
+            return True
         self._evict(received)
+        return False
 
     def _evict(self, received: torch.Tensor | None):
         """Fold this step's attention into the entries' scores, then evict down to the budget."""
@@ -256,8 +255,8 @@ class PreallocatedLayer(PolicyLayer):
     most every doubling, never per step.
     """
 
-    def __init__(self, cache: "PolicyCache", layer_idx: int, reserve: int = DEFAULT_RESERVE):
-        super().__init__(cache, layer_idx)
+    def __init__(self, policy: Policy, layer_idx: int, reserve: int = DEFAULT_RESERVE):
+        super().__init__(policy, layer_idx)
         self.reserve = reserve
         self.buffers: dict[str, torch.Tensor] | None = None  # keys, values, positions, accumulated
 
@@ -272,7 +271,7 @@ class PreallocatedLayer(PolicyLayer):
 
     def _allocate(self):
         """(Re)allocate the buffers for ``reserve`` more tokens and copy the entries in."""
-        slots = self.policy.capacity(self.seen + self.reserve, self.prompt_length, self.cache.spans, self.budget) + 1
+        slots = self.policy.capacity(self.seen + self.reserve, self.prompt_length, self.spans, self.budget) + 1
         live = {"keys": self.keys, "values": self.values, "positions": self.positions,
                 "accumulated": self.accumulated}
         self.buffers = {}
@@ -343,55 +342,54 @@ def _group_mean(x: torch.Tensor, slot: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _has_padding(mask) -> bool:
-    """True if some sample cannot see all keys from its last prompt token (left padding)."""
+    """True if some sample does not attend to every position: a 2-D ``[B, T]`` padding
+    mask with a 0, or (when only the 4-D mask of a full-attention layer is known) a last
+    prompt row that does not see every key (left padding)."""
     if not isinstance(mask, torch.Tensor):
         return False
-    last = mask[..., -1, :]
-    return not bool(last.all() if mask.dtype == torch.bool else (last == 0).all())
+    last = mask if mask.dim() == 2 else mask[..., -1, :]
+    if mask.dim() == 2 or mask.dtype == torch.bool:
+        return not bool(last.bool().all())
+    return not bool((last == 0).all())
 
 
-class PolicyCache(Cache):
-    """A transformers cache whose layers follow one :class:`~elastic.policies.Policy`.
+_PADDED = (
+    "a padded batch cannot be compressed: evicted slots would no longer line up "
+    "with the padding mask; pass equal-length prompts or one prompt at a time"
+)
 
-    Layers are created lazily, one per decoder layer, on the first forward. After
-    generating, :attr:`trace` tells what the cache did and :meth:`kv_bytes` what it holds.
+
+class CrossLayerStep:
+    """The part of a step that needs every compressing layer, run by the cache.
+
+    A policy whose score is shared by all layers (``shared_across_layers``) gets one
+    score, the mean of theirs (every layer then makes the same decision); a policy with
+    one budget per layer (``budgets_per_layer``) first sets every layer's budget from all
+    layers' statistics. Layers that report a step as waiting are collected here, and the
+    step is finished once the last full-attention layer (``last_layer``) has attended --
+    or, if that layer never reports (a model called layer by layer), when a waiting layer
+    is updated again or a trace is asked for.
     """
 
-    def __init__(self, policy: Policy, layout: str = "preallocated", reserve: int = DEFAULT_RESERVE,
-                 positions: str = "true"):
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-        if positions not in POSITIONS:
-            raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
-        if int(reserve) != reserve or reserve < 0:
-            raise ValueError(f"reserve must be an integer >= 0, got {reserve!r}")
-        super().__init__(layer_class_to_replicate=self._new_layer)
+    def __init__(self, policy: Policy, last_layer: int | None = None):
         self.policy = policy
-        self.layout, self.reserve, self.positions = layout, int(reserve), positions
-        self.annotations: dict = {}
-        self.pending: list[PolicyLayer] = []  # prefilled layers waiting for a shared score
+        self.last_layer = last_layer
+        self.waiting: list[PolicyLayer] = []
 
-    @property
-    def spans(self) -> dict | None:
-        """Token-type spans of the prompt, if annotated (policies that protect the instruction need them)."""
-        return self.annotations.get("spans")
+    def add(self, layer: PolicyLayer) -> None:
+        self.waiting.append(layer)
+        if layer.layer_idx == self.last_layer:
+            self.finish()
 
-    def finish_step(self) -> None:
-        """Finish the waiting layers' step once every layer has attended.
-
-        A policy whose score is shared by all layers gets one score, the mean of theirs
-        (every layer then makes the same decision): the prefill is planned, or a decode
-        step's attention folded in and the cache evicted. A policy with one budget per
-        layer first sets every layer's budget from all layers' statistics.
-        """
-        layers, self.pending = self.pending, []
+    def finish(self) -> None:
+        layers, self.waiting = self.waiting, []
         if not layers:
             return
         policy = self.policy
         prefill = layers[0].prompt_entries is None
         if prefill and policy.budgets_per_layer:
             first = layers[0]
-            budgets = policy.layer_budgets([layer.budget_stat for layer in layers], first.prompt_length, self.spans)
+            budgets = policy.layer_budgets([layer.budget_stat for layer in layers], first.prompt_length, first.spans)
             for layer, budget in zip(layers, budgets):
                 layer.budget = budget
         scores = [layer.prefill_scores if prefill else layer.pending_received for layer in layers]
@@ -405,58 +403,237 @@ class PolicyCache(Cache):
                 layer.pending_received = None
                 layer._evict(own if shared is None else shared)
 
+
+_UNBOUND = (
+    "this model mixes layer types, and the cache was not built for them: pass the cache to the "
+    "model that elastic.attach(model) hooked (model.generate(..., cache=cache) or model(..., cache=cache)), "
+    "or build it with elastic.make_cache(..., config=model.config)"
+)
+
+
+_NOTHING_TO_COMPRESS = (
+    "this text decoder has no full-attention layer (its layers are {types}; a model-wide "
+    "sliding_window makes every layer a sliding one): transformers already bounds each by its window "
+    "or a fixed state, and elastic compresses full-attention layers only, so {method!r} has nothing to "
+    "compress. Use method='full', or load the model with sliding_window=None to compress the whole context"
+)
+
+
+class PolicyCache(Cache):
+    """A transformers cache whose full-attention layers follow one :class:`~elastic.policies.Policy`.
+
+    One layer object per decoder layer: a :class:`PolicyLayer` (or
+    :class:`PreallocatedLayer`) for every ``"full_attention"`` layer, transformers' own
+    layer for the other types (see the module docstring). The layers are built from the
+    text config's layer types by :meth:`bind` -- called by ``make_cache(config=...)`` or,
+    before the first forward, by the hook of :func:`elastic.attach`; a cache that was never
+    bound creates full-attention layers lazily, one per decoder layer (all-full models).
+    After generating, :attr:`trace` tells what the cache did, :meth:`kv_bytes` what the
+    compressed layers hold and :meth:`state_bytes` what the others hold.
+    """
+
+    def __init__(self, policy: Policy, layout: str = "preallocated", reserve: int = DEFAULT_RESERVE,
+                 positions: str = "true", config=None):
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if positions not in POSITIONS:
+            raise ValueError(f"unknown positions {positions!r}; choose one of {', '.join(POSITIONS)}")
+        if int(reserve) != reserve or reserve < 0:
+            raise ValueError(f"reserve must be an integer >= 0, got {reserve!r}")
+        super().__init__(layer_class_to_replicate=self._new_layer)
+        self.policy = policy
+        self.layout, self.reserve, self.positions = layout, int(reserve), positions
+        self.annotations: dict = {}
+        self.layer_types: list[str] | None = None  # the decoder's, once bound
+        self.padded: bool | None = None  # the prompt's 2-D mask had padding (None: not seen)
+        self.step = CrossLayerStep(policy)
+        if config is not None:
+            self.bind(config)
+
+    # -- building the layers ---------------------------------------------------------
+    def bind(self, config) -> "PolicyCache":
+        """Build one layer per entry of the text decoder's layer types (``config``: the
+        model's config or its text config). Idempotent; raises ``ValueError`` for a type
+        elastic does not handle or a cache already filled for another model."""
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        types = scoring.check_layer_types(config)
+        if self.layer_types is not None:
+            if types != self.layer_types:
+                raise ValueError("this cache was built for another model's layers: make a new cache with "
+                                 "elastic.make_cache() for each model")
+            return self
+        if self.layers:
+            if any(kind != "full_attention" for kind in types):
+                raise ValueError(_UNBOUND)
+            self.layer_types, self.layer_class_to_replicate = types, None
+            self.step.last_layer = len(types) - 1
+            return self
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        _, kwargs = get_layer_types_and_kwargs(config)
+        self.layers = [self._new_layer(i) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
+                       for i, (kind, kw) in enumerate(zip(types, kwargs))]
+        self.layer_types, self.layer_class_to_replicate = types, None
+        full = [i for i, kind in enumerate(types) if kind == "full_attention"]
+        if not full and self.policy.name != "full":
+            raise ValueError(_NOTHING_TO_COMPRESS.format(types=", ".join(sorted(set(types))), method=self.policy.name))
+        self.step.last_layer = full[-1] if full else None
+        return self
+
+    def prepare(self, config, attention_mask=None) -> None:
+        """What the attach hook calls before each forward: :meth:`bind`, and before the
+        prompt, note whether its 2-D ``attention_mask`` has padding."""
+        self.bind(config)
+        if self.get_seq_length() == 0 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            self.padded = _has_padding(attention_mask)
+
+    def _new_layer(self, layer_idx: int | None = None) -> PolicyLayer:
+        layer_idx = len(self.layers) if layer_idx is None else layer_idx
+        if self.layout == "dynamic":
+            return PolicyLayer(self.policy, layer_idx)
+        return PreallocatedLayer(self.policy, layer_idx, self.reserve)
+
+    @property
+    def policy_layers(self) -> list[PolicyLayer]:
+        """The compressed (full-attention) layers, in decoder order."""
+        return [layer for layer in self.layers if isinstance(layer, PolicyLayer)]
+
+    @property
+    def spans(self) -> dict | None:
+        """Token-type spans of the prompt, if annotated (policies that protect the instruction need them)."""
+        return self.annotations.get("spans")
+
+    # -- the step --------------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.step.waiting and layer_idx < len(self.layers) and self.layers[layer_idx] in self.step.waiting:
+            self.step.finish()  # its last step waits for a last layer the hook never named
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if isinstance(self.layers[layer_idx], PolicyLayer):
+            scoring.expect_attention(layer_idx, self._after_attention)
+        return keys, values
+
+    def _after_attention(self, layer_idx: int, attention) -> None:
+        """Called by the attach hook right after layer ``layer_idx`` attended."""
+        layer = self.layers[layer_idx]
+        if self.layer_types is None:  # never bound: learn where the step ends from the module's config
+            config = attention.config
+            if config is not None and any(kind != "full_attention" for kind in scoring.layer_types(config)):
+                raise ValueError(_UNBOUND)
+            self.step.last_layer = getattr(config, "num_hidden_layers", 0) - 1 if config is not None else None
+        if layer.prompt_length is None and self.policy.name != "full":
+            padded = _has_padding(attention.mask) if self.padded is None else self.padded
+            if padded:
+                layer.awaiting_attention = False
+                raise ValueError(_PADDED)
+        if layer.after_attention(attention.query, attention.key, attention.mask, attention.scaling, self.spans):
+            self.step.add(layer)
+
+    def finish_step(self) -> None:
+        """Finish a cross-layer step still waiting (see :class:`CrossLayerStep`)."""
+        self.step.finish()
+
+    # -- what the cache holds -----------------------------------------------------------
     @property
     def lengths(self) -> list:
-        """Entries per layer after each forward, the mean over layers (an int when every
-        layer holds the same number, as with one budget for all layers)."""
+        """Entries per full-attention layer after each forward, the mean over those layers
+        (an int when every layer holds the same number, as with one budget for all layers)."""
         return [int(n) if float(n).is_integer() else float(n) for n in self.layer_lengths.mean(axis=1)]
 
     @property
     def layer_lengths(self) -> np.ndarray:
-        """``[forwards, layers]`` entries each layer held after each forward."""
-        layers = [layer for layer in self.layers if layer.history]
+        """``[forwards, full-attention layers]`` entries each compressed layer held after each forward."""
+        layers = [layer for layer in self.policy_layers if layer.history]
         if not layers:
             return np.zeros((0, 0), dtype=np.int64)
         n = min(len(layer.history) for layer in layers)
         return np.array([layer.history[:n] for layer in layers], dtype=np.int64).T.reshape(n, len(layers))
 
-    def _new_layer(self) -> PolicyLayer:
-        if self.layout == "dynamic":
-            return PolicyLayer(self, len(self.layers))
-        return PreallocatedLayer(self, len(self.layers), self.reserve)
+    def _first_full(self):
+        """The first compressed layer (sequence length and mask sizes come from it), else
+        transformers' first attention layer, else None."""
+        for layer in self.layers:
+            if isinstance(layer, PolicyLayer):
+                return layer
+        return next((layer for layer in self.layers if isinstance(layer, CacheLayerMixin)), None)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (not entries held): models derive default position ids from
-        it, and positions must stay the true ones after compression."""
+        it, and positions must stay the true ones after compression. The default reads the
+        first full-attention layer (as transformers' hybrid caches do)."""
         if layer_idx >= len(self.layers):
             return 0
-        return self.layers[layer_idx].seen
+        layer = self.layers[layer_idx]
+        if layer_idx == 0 and not isinstance(layer, PolicyLayer):
+            layer = self._first_full()
+        if isinstance(layer, PolicyLayer):
+            return layer.seen
+        if layer is None or not isinstance(layer, CacheLayerMixin):
+            return super().get_seq_length(layer_idx)  # transformers' own error for a state-only layer
+        return layer.get_seq_length()
 
     def decode_position(self, true_position: int) -> int:
         """Position id of the next decoded token: its true position, or with
         ``positions="compressed"`` the number of entries held (the reference code's protocol:
         positions restart near ``budget * T`` and repeat after evictions, SPEC 2)."""
-        if self.positions == "true" or not self.layers:
+        first = self._first_full()
+        if self.positions == "true" or not isinstance(first, PolicyLayer):
             return true_position
-        return self.layers[0].get_seq_length()
+        return first.get_seq_length()
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        """Masks index the entries actually held, so their offset is the physical length."""
+        """Masks of a compressed layer index the entries actually held, so their offset is
+        the physical length; other layers keep transformers' offset."""
         if layer_idx >= len(self.layers):
             return 0
-        return self.layers[layer_idx].get_seq_length()
+        layer = self.layers[layer_idx]
+        if isinstance(layer, PolicyLayer):
+            return layer.get_seq_length()
+        return self.get_seq_length(layer_idx)
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        self._check_bound(layer_idx)
+        return super().get_conv_state(layer_idx, state_idx)
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        self._check_bound(layer_idx)
+        return super().get_recurrent_state(layer_idx, state_idx)
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        self._check_bound(layer_idx)
+        return super().has_previous_state(layer_idx, state_idx)
+
+    def _check_bound(self, layer_idx) -> None:
+        """A linear-attention or conv layer asks for its state: it exists only once bound."""
+        if self.layer_types is None:
+            raise ValueError(_UNBOUND)
 
     def kv_bytes(self) -> int:
-        """Bytes of the K/V entries held now, all layers."""
-        return sum(_nbytes(layer.keys) + _nbytes(layer.values) for layer in self.layers if layer.is_initialized)
+        """Bytes of the K/V entries held now by the compressed (full-attention) layers: the
+        memory the budget governs. The other layers' state is :meth:`state_bytes`."""
+        return sum(_nbytes(layer.keys) + _nbytes(layer.values) for layer in self.policy_layers if layer.is_initialized)
+
+    def state_bytes(self) -> int:
+        """Bytes held now by the layers the policy does not compress: the K/V of sliding
+        and chunked windows (at most ``W`` entries each) and the conv / recurrent state of
+        linear-attention and conv layers (a fixed size). 0 for an all-full-attention model."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, PolicyLayer):
+                continue
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                states = list(layer.conv_states.values()) + list(layer.recurrent_states.values())
+                total += sum(_nbytes(x) for x in states if isinstance(x, torch.Tensor))
+            elif isinstance(getattr(layer, "keys", None), torch.Tensor):
+                total += _nbytes(layer.keys) + _nbytes(layer.values)
+        return total
 
     def allocated_bytes(self) -> int:
-        """Bytes of K/V memory allocated, all layers: the held entries plus the free slots of
-        preallocated buffers."""
+        """Bytes of K/V memory allocated by the compressed (full-attention) layers: the held
+        entries plus the free slots of preallocated buffers."""
         return sum(
             _nbytes(layer.buffers["keys"]) + _nbytes(layer.buffers["values"])
             if getattr(layer, "buffers", None) else _nbytes(layer.keys) + _nbytes(layer.values)
-            for layer in self.layers
+            for layer in self.policy_layers
             if layer.is_initialized
         )
 
@@ -479,8 +656,8 @@ class PolicyCache(Cache):
         For a policy that selects per KV head, each is KV head 0's trace, and its ``heads``
         holds one trace per KV head.
         """
-        self.finish_step()  # a shared-score step not finished yet (the last layer never reported)
-        layers = [layer for layer in self.layers if layer.prompt_length is not None]
+        self.step.finish()  # a shared-score step not finished yet (the last layer never reported)
+        layers = [layer for layer in self.policy_layers if layer.prompt_length is not None]
         if not layers:
             raise RuntimeError("the cache has not seen a prompt yet: run generate() with it first")
         first, policy = layers[0], self.policy
@@ -494,9 +671,9 @@ class PolicyCache(Cache):
 
         scores = [numpy(layer.prefill_scores) for layer in layers]
         groups = [numpy(layer.prefill_group) for layer in layers]
-        rows = [
-            (step, layer.layer_idx, positions)
-            for layer in layers
+        rows = [  # the layer column indexes trace.layers (the decoder index is trace.layer_ids)
+            (step, index, positions)
+            for index, layer in enumerate(layers)
             for step, positions in ((s, numpy(p)) for s, p in layer.evicted)
         ]
         decode_rule = getattr(policy, "decode", "fixed-point")
@@ -527,6 +704,7 @@ class PolicyCache(Cache):
                 prompt_length=T,
                 protected=np.array(policy.protected(T, self.spans), dtype=np.int64),
                 layers=layer_traces,
+                layer_ids=[layer.layer_idx for layer in layers],
                 evictions=evictions[np.lexsort((evictions[:, 2], evictions[:, 1], evictions[:, 0]))],
                 lengths=self.lengths,
                 layer_lengths=layer_lengths,
@@ -556,7 +734,7 @@ def _nbytes(x: torch.Tensor) -> int:
 
 
 def make_cache(method: str = "elastic", layout: str = "preallocated", reserve: int = DEFAULT_RESERVE,
-               positions: str = "true", **params) -> PolicyCache:
+               positions: str = "true", config=None, **params) -> PolicyCache:
     """A fresh cache for one ``generate`` call.
 
     Parameters
@@ -572,6 +750,10 @@ def make_cache(method: str = "elastic", layout: str = "preallocated", reserve: i
         Position ids of decoded tokens under :func:`elastic.generate` and the evaluation:
         their true positions, or (the reference code's protocol, to reproduce the paper's
         runs) the cache's length. Plain ``model.generate`` always uses true positions.
+    config : optional
+        The model's config (or its text config): build the layers for its decoder's layer
+        types now. Without it, the hook of :func:`elastic.attach` does it before the first
+        forward.
     **params
         The policy's parameters: ``budget`` (fraction of KV entries kept, in (0, 1]),
         ``start_size`` (sink tokens), ``distance`` (Elastic's N_tl offset),
@@ -579,4 +761,5 @@ def make_cache(method: str = "elastic", layout: str = "preallocated", reserve: i
         ``prefill``, ``decode``, ``protect``, ...), SnapKV's ``window`` / ``kernel`` /
         ``pooling``, ``heads`` (SnapKV, TOVA). A parameter another method uses is ignored.
     """
-    return PolicyCache(make_policy(method, **params), layout=layout, reserve=reserve, positions=positions)
+    return PolicyCache(make_policy(method, **params), layout=layout, reserve=reserve, positions=positions,
+                       config=config)

@@ -1,8 +1,10 @@
 """What a cache did, as plain numpy data: the single source the app and viz read.
 
 A :class:`Trace` is built from a cache after (or during) generation. It holds one
-:class:`LayerTrace` per decoder layer (the prefill decision) and the decode-time
-evictions of all layers. Positions are always *original* token positions: prompt tokens
+:class:`LayerTrace` per compressed decoder layer -- every full-attention layer; a hybrid
+decoder's sliding, chunked, linear-attention and conv layers are not traced (the policy
+does not touch them) and :attr:`Trace.layer_ids` gives each traced layer's decoder index --
+and the decode-time evictions of those layers. Positions are always *original* token positions: prompt tokens
 are ``0..T-1`` and the token fed at decode step ``s`` (1-based) sits at ``T + s - 1``.
 
 Nothing here recomputes the algorithm: the replay helpers only combine what the cache
@@ -77,8 +79,10 @@ class Trace:
         Prompt positions that are never merged at the prefill (sinks and the last prompt
         token for Elastic; sinks for Local; empty for H2O and Full).
     layers : list[LayerTrace]
+        One per compressed (full-attention) decoder layer, in decoder order.
     evictions : np.ndarray
-        ``[E, 3]`` int rows ``(step, layer, position)`` of decode-time removals.
+        ``[E, 3]`` int rows ``(step, layer, position)`` of decode-time removals; ``layer``
+        indexes :attr:`layers`.
     lengths : list[int]
         Cache length (entries per layer) after each forward: ``lengths[0]`` after the
         prefill, ``lengths[s]`` after decode step ``s``. With one budget per layer the
@@ -89,7 +93,7 @@ class Trace:
         Elastic's eviction index N_tl (slot index in the cache) of layer 0, None for other
         methods (each layer's own: ``layers[l].fixed_point``).
     bytes_per_entry : int
-        Bytes of K and V, all layers, for one cache entry of this sequence.
+        Bytes of K and V, all traced (full-attention) layers, for one cache entry of this sequence.
     budget_entries : int or None
         ``ceil(budget * T)``, the entries the budget alone allows after the prefill; a layer
         keeps more when the policy's minimum (protected tokens plus one) is larger.
@@ -116,6 +120,9 @@ class Trace:
         For a policy that selects per KV head, the KV head this trace describes.
     heads : list[Trace] or None
         For such a policy, one trace per KV head (``heads[0]`` is this trace).
+    layer_ids : list[int]
+        The decoder layer index of each entry of :attr:`layers` (default ``0..L-1``: every
+        decoder layer is full attention); label layers with it.
     """
 
     method: str
@@ -140,6 +147,14 @@ class Trace:
     variant: dict = field(default_factory=dict)
     head: int | None = None
     heads: list["Trace"] | None = field(default=None, repr=False)
+    layer_ids: list[int] | None = None
+
+    def __post_init__(self):
+        if self.layer_ids is None:
+            self.layer_ids = list(range(len(self.layers)))
+        self.layer_ids = [int(i) for i in self.layer_ids]
+        if len(self.layer_ids) != len(self.layers):
+            raise ValueError(f"layer_ids names {len(self.layer_ids)} layers for {len(self.layers)} traced layers")
 
     @property
     def per_head(self) -> bool:
@@ -172,7 +187,7 @@ class Trace:
         return self.prompt_length + np.arange(len(self.lengths))
 
     def kv_bytes(self) -> np.ndarray:
-        """Bytes of K/V held after each recorded forward (all layers)."""
+        """Bytes of K/V held after each recorded forward (all traced, full-attention layers)."""
         return np.rint(np.asarray(self.lengths, dtype=np.float64) * self.bytes_per_entry).astype(np.int64)
 
     def lengths_of(self, layer: int) -> np.ndarray:
