@@ -38,4 +38,4 @@ def examples_label(examples: list[dict]) -> str:
     which = "all of them" if len(wrong) == len(examples) else ", ".join(wrong)
     setting = f"{viz.method_name(DEFAULT_METHOD)} at {DEFAULT_BUDGET:g}"
     note = f" ({setting} gets {which} wrong: see why in the figures)" if wrong else ""
-    return "Example scenes: click one, then press Enter" + note
+    return "**Example scenes**: click one, then Send" + note

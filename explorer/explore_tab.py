@@ -77,18 +77,18 @@ def build_explore_tab(examples: list[dict]) -> ExploreTab:
                 # The main loop fits a 1280x720 projector without scrolling: the example scenes,
                 # method and budget, the chat, the message box, Send and Stop. The rest is below.
                 if examples:
+                    gr.Markdown(examples_label(examples), elem_id="examples-head")
                     c["examples"] = gr.Gallery(
                         [(e["image"], f"{i + 1}. {e.get('label') or e['prompt']}") for i, e in enumerate(examples)],
-                        label=examples_label(examples), columns=len(examples), rows=1, height=112,
-                        allow_preview=False, interactive=False, object_fit="cover", buttons=[],
-                        elem_id="chat-examples")
-                with gr.Row():
-                    c["method"] = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, label="Method", elem_id="method")
-                    c["budget"] = checked_number(gr.Slider(0.05, 1.0, value=DEFAULT_BUDGET, step=0.05,
+                        show_label=False, columns=len(examples), rows=1, height=104, allow_preview=False,
+                        interactive=False, object_fit="contain", buttons=[], elem_id="chat-examples")
+                with gr.Row(elem_id="method-budget"):
+                    c["method"] = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, label="Method", elem_id="method",
+                                              scale=2, min_width=140)
+                    c["budget"] = checked_number(gr.Slider(0.05, 1.0, value=DEFAULT_BUDGET, step=0.05, scale=3,
                                                            elem_id="budget", label="Budget (fraction kept)"))
                 c["chatbot"] = gr.Chatbot(show_label=False, height=300, elem_id="chatbot")
-                c["status"] = gr.Markdown(label="status", elem_id="status")
-                with gr.Row(equal_height=True, elem_id="ask"):
+                with gr.Row(equal_height=False, elem_id="ask"):
                     c["msg"] = gr.MultimodalTextbox(
                         file_types=["image"], file_count="single", sources=["upload"], elem_id="msg",
                         submit_btn=False, placeholder="Ask about an image (pick a scene above, or attach one)…",
@@ -96,6 +96,7 @@ def build_explore_tab(examples: list[dict]) -> ExploreTab:
                     with gr.Column(scale=1, min_width=90, elem_id="send-stop"):
                         c["send"] = gr.Button("Send", variant="primary", size="sm", elem_id="send")
                         c["stop"] = gr.Button("Stop", size="sm", variant="stop", elem_id="stop")
+                c["status"] = gr.Markdown(label="status", elem_id="status")
                 with gr.Row():
                     c["clear"] = gr.Button("Clear chat", size="sm")
                     c["to_compare"] = gr.Button("Compare methods on this question", size="sm")
