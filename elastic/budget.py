@@ -40,6 +40,12 @@ def keep_count(budget: float, tokens: int, minimum: int = 1) -> int:
     return min(tokens, max(n, minimum))
 
 
+def share_count(entries: int, ratio: float) -> int:
+    """Entries of ``entries`` set aside as a share ``ratio`` (a recent window):
+    ``floor(ratio * entries)``, at most ``entries - 1`` so one entry is left for the rest."""
+    return max(0, min(entries - 1, math.floor(ratio * entries + _EPS)))
+
+
 def min_budget(tokens: int, minimum: int) -> float:
     """Smallest budget whose ``keep_count`` is not raised by ``minimum`` (for UI warnings)."""
     return minimum / tokens if tokens else 1.0

@@ -42,7 +42,7 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from . import scoring
 from .budget import keep_count
-from .policies import Policy, Prefill, make_policy
+from .policies import Decode, Policy, Prefill, make_policy
 from .trace import LayerTrace, Trace
 
 LAYOUTS = ("preallocated", "dynamic")
@@ -125,6 +125,13 @@ class PolicyLayer(DynamicLayer):
         """Slot ``[rows]`` of each row's entry with the ``rank``-th smallest original position."""
         return torch.full((self.positions.shape[0],), rank, dtype=torch.long, device=self.keys.device)
 
+    def decode_view(self, capacity: int) -> Decode:
+        """What the policy sees of this layer when it picks a decode victim (never the layer)."""
+        return Decode(layer_idx=self.layer_idx, positions=self.positions, accumulated=self.accumulated,
+                      seen=self.seen, prompt_length=self.prompt_length, prompt_entries=self.prompt_entries,
+                      max_entries=capacity, budget=self.budget,
+                      ordered=not isinstance(self, PreallocatedLayer))  # a preallocated layer permutes slots
+
     def after_attention(self, query, key, attention_mask, scaling, spans: dict | None = None) -> bool:
         """Score and compress now that the layer has attended (the cache calls it from the
         attach hook). Return True if the step waits for the other layers (a score shared by
@@ -176,8 +183,9 @@ class PolicyLayer(DynamicLayer):
         """Fold this step's attention into the entries' scores, then evict down to the budget."""
         if received is not None:
             self._accumulate(received)
-        while self.get_seq_length() > self.capacity():
-            self._drop(self.policy.decode_victim(self))
+        capacity = self.capacity()
+        while self.get_seq_length() > capacity:
+            self._drop(self.policy.decode_victim(self.decode_view(capacity)))
         self.history.append(self.get_seq_length())
 
     def _accumulate(self, received: torch.Tensor):

@@ -246,7 +246,7 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
     warnings = []
     policy = cache.policy
     spans = annotations["spans"]
-    if math.ceil(policy.budget * T) < policy.min_entries(T, spans):
+    if keep_count(policy.budget, T, 0) < policy.min_entries(T, spans):  # what the budget alone keeps
         warnings.append(
             f"budget {policy.budget:g} keeps fewer than the {policy.min_entries(T, spans)} entries {method} needs "
             f"(protected tokens plus one); kept {keep_count(policy.budget, T, policy.min_entries(T, spans))} instead"

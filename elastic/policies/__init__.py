@@ -2,14 +2,15 @@
 
     make_policy("elastic", budget=0.5, importance="debiased")
 
-The budget arithmetic lives in :mod:`elastic.budget`, the attention scores in
-:mod:`elastic.scoring`; the cache layer (:mod:`elastic.cache`) applies the decisions.
+The budget arithmetic lives in :mod:`elastic.budget`, the rules several policies share in
+:mod:`.plans`, the attention scores in :mod:`elastic.scoring`; the cache layer
+(:mod:`elastic.cache`) applies the decisions.
 """
 
 from __future__ import annotations
 
 from ..budget import check_budget
-from .base import Policy, Prefill
+from .base import Decode, Policy, Prefill
 from .elastic_cache import ElasticPolicy
 from .h2o import H2OPolicy
 from .h2o_reference import ReferenceH2OPolicy
@@ -45,6 +46,6 @@ def make_policy(method: str, **params) -> Policy:
     return cls(**params)
 
 
-__all__ = ["POLICIES", "METHODS", "make_policy", "Policy", "Prefill", "ElasticPolicy", "H2OPolicy",
+__all__ = ["POLICIES", "METHODS", "make_policy", "Policy", "Prefill", "Decode", "ElasticPolicy", "H2OPolicy",
            "LocalPolicy", "SnapKVPolicy", "TOVAPolicy", "PrefixKVPolicy", "VLCachePolicy", "LOOKMPolicy",
            "ReferenceH2OPolicy"]

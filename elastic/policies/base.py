@@ -9,10 +9,12 @@ kvpress, each policy splits its work in two:
   other position is folded into; then, once the cache is over budget while decoding,
   ``decode_victim`` picks the slot to drop.
 
-Decisions are made on original positions (``layer.positions``, ``layer.slot_of_rank``),
-never on slot order, which a preallocated layer permutes. A policy that selects per KV
-head (``per_head``) sees one *row* per (sample, KV head): the cache then keeps a
-separate set of positions for each head.
+A policy never sees the cache: the prefill is described by a :class:`Prefill`, a decode
+step by a :class:`Decode` view of one layer. Decisions are made on original positions
+(``view.positions``, ``view.slot_of_rank``), never on slot order, which a preallocated
+layer permutes. A policy that selects per KV head (``per_head``) sees one *row* per
+(sample, KV head): the cache then keeps a separate set of positions for each head. The
+rules several policies share are plain functions in :mod:`.plans`.
 """
 
 from __future__ import annotations
@@ -62,6 +64,63 @@ class Prefill:
         return torch.arange(self.length, device=self.device).expand(self.rows, -1)
 
 
+@dataclass
+class Decode:
+    """What a policy knows about one layer when it picks a decode victim.
+
+    The cache layer builds it (``layer.decode_view``) each time it is over budget; the
+    method names are a cache layer's (``get_seq_length``, ``capacity``, ``slot_of_rank``), so
+    a victim rule reads as the paper's "drop the entry at index i" does.
+
+    Attributes
+    ----------
+    layer_idx : int
+        The decoder layer.
+    positions : torch.Tensor
+        ``[rows, S]`` original position of the entry in each slot.
+    accumulated : torch.Tensor or None
+        ``[rows, S]`` each entry's decode score (:meth:`Policy.accumulate`), for a policy
+        that :attr:`~Policy.scores_decode`; else None.
+    seen : int
+        Tokens seen so far (prompt and generated).
+    prompt_length : int
+        T, prompt tokens.
+    prompt_entries : int
+        Entries the layer kept right after the prefill.
+    max_entries : int
+        Entries the layer may hold now (:meth:`Policy.capacity` for its budget).
+    budget : float or None
+        This layer's own budget (per-layer policies), else None: the policy's.
+    ordered : bool
+        Slots are in position order (the ``"dynamic"`` layout); the ``"preallocated"``
+        layout permutes them.
+    """
+
+    layer_idx: int
+    positions: torch.Tensor
+    accumulated: torch.Tensor | None
+    seen: int
+    prompt_length: int
+    prompt_entries: int
+    max_entries: int
+    budget: float | None = None
+    ordered: bool = False
+
+    def get_seq_length(self) -> int:
+        """Entries held, S."""
+        return self.positions.shape[-1]
+
+    def capacity(self) -> int:
+        """Entries the layer may hold now."""
+        return self.max_entries
+
+    def slot_of_rank(self, rank: int) -> torch.Tensor:
+        """Slot ``[rows]`` of each row's entry with the ``rank``-th smallest original position."""
+        if self.ordered:  # slot i holds the i-th position: no search
+            return torch.full((self.positions.shape[0],), rank, dtype=torch.long, device=self.positions.device)
+        return self.positions.kthvalue(rank + 1, dim=1).indices
+
+
 def choice(name: str, value, options) -> str:
     """``value`` if it is one of ``options``, else a ``ValueError`` that lists them."""
     if value not in options:
@@ -108,7 +167,7 @@ class Policy:
 
     @property
     def scores_decode(self) -> bool:
-        """Needs the attention each decode query pays (kept per entry in ``layer.accumulated``)."""
+        """Needs the attention each decode query pays (kept per entry, :attr:`Decode.accumulated`)."""
         return False
 
     @property
@@ -187,8 +246,12 @@ class Policy:
         """
         return prompt.positions().clone()
 
-    def initial_accumulated(self, scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """Per-entry score ``[rows, S]`` the kept entries start decoding with: their own prefill score."""
+    def initial_accumulated(self, scores: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor:
+        """Per-entry score ``[rows, S]`` the kept entries start decoding with: their own prefill
+        score, or 0 for every entry when the prefill scored nothing (``scores`` None: all
+        entries equal, so only what decoding adds tells them apart)."""
+        if scores is None:
+            return torch.zeros(kept.shape, dtype=torch.float32, device=kept.device)
         return scores.gather(1, kept)
 
     def decode_score(self, query, key, scaling) -> torch.Tensor:
@@ -200,58 +263,10 @@ class Policy:
         """New per-entry score after a decode step (H2O: the running sum)."""
         return accumulated + received
 
-    def decode_victim(self, layer) -> torch.Tensor:
-        """Slot index ``[rows]`` to remove from an over-budget ``layer`` while decoding.
+    def decode_victim(self, view: Decode) -> torch.Tensor:
+        """Slot index ``[rows]`` to remove from an over-budget layer while decoding.
 
         "The entry at index i" of the paper means the entry with the i-th smallest
-        original position (``layer.slot_of_rank(i)``): slots may be in any order.
+        original position (``view.slot_of_rank(i)``): slots may be in any order.
         """
         raise NotImplementedError(f"{self.name} never evicts")
-
-
-def keep_mask(keep: torch.Tensor, prompt: Prefill) -> torch.Tensor:
-    """``group`` for a policy that only keeps or evicts: kept positions map to themselves."""
-    positions = prompt.positions()
-    return torch.where(keep, positions, torch.full_like(positions, -1))
-
-
-def top_k(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """``[rows, k]`` positions of the ``k`` highest scores of each row (among ``allowed``).
-
-    A tie goes to the earlier position (a stable sort; ``torch.topk`` leaves ties to the
-    kernel, and pooled or uniform scores do tie).
-    """
-    scores = scores.float()
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores.sort(dim=-1, descending=True, stable=True).indices[:, :k]
-
-
-def top_k_mask(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """``[rows, T]`` True for the :func:`top_k` positions."""
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top_k(scores, k, allowed), True)
-
-
-def lowest_score_slot(layer, score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Slot ``[rows]`` with the lowest ``score`` among ``candidates``; a tie goes to the
-    oldest entry, whatever the slot order."""
-    score = score.masked_fill(~candidates, float("inf"))
-    positions = layer.positions
-    tied = score == score.min(dim=-1, keepdim=True).values
-    return torch.where(tied, positions, torch.iinfo(positions.dtype).max).argmin(dim=-1)
-
-
-def nearest_by_cosine(targets: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``[rows, T]`` for every position, the target position whose key is the most
-    cosine-similar to its own (over all heads of the row; a tie goes to the earlier target).
-
-    ``targets`` ``[rows, k]`` ascending positions; ``keys`` ``[rows, heads, T, D]``. A
-    target is its own nearest. LOOK-M's pivot merge, and Elastic's ``prefill="similar"``.
-    """
-    R, H, T, D = keys.shape
-    x = torch.nn.functional.normalize(keys.permute(0, 2, 1, 3).reshape(R, T, H * D).float(), dim=-1)
-    centres = x.gather(1, targets[:, :, None].expand(-1, -1, H * D))
-    similarity = x @ centres.transpose(1, 2)  # [R, T, k]
-    best = targets.gather(1, similarity.argmax(dim=-1))  # argmax: the first maximum, the earlier target
-    is_target = torch.zeros(R, T, dtype=torch.bool, device=keys.device).scatter_(1, targets, True)
-    return torch.where(is_target, torch.arange(T, device=keys.device).expand(R, -1), best)

@@ -9,7 +9,8 @@ import torch
 
 from .. import scoring
 from ..spans import SPANS_HOW
-from .base import Policy, Prefill, choice, keep_mask, lowest_score_slot, nearest_by_cosine, top_k, whole
+from .base import Decode, Policy, Prefill, choice, whole
+from .plans import fixed_point_index, fixed_point_slot, keep_mask, lowest_score_slot, nearest_by_cosine, top_k
 
 IMPORTANCE = ("sum", "mean", "moving-average", "debiased", "uniform")
 SCOPES = ("layer", "shared", "head")
@@ -62,7 +63,10 @@ class ElasticPolicy(Policy):
         LOOK-M's pivot merge, with Elastic's anchors).
     decode : {"fixed-point", "recent", "lowest-frequency"}, default "fixed-point"
         Decode-time victim: the entry at N_tl (paper); the newest entry; or the entry
-        with the lowest attention accumulated since the prefill (sinks excepted).
+        with the lowest attention accumulated since the prefill (sinks excepted; each
+        entry starts from its prefill score, a tie goes to the oldest entry). With
+        ``importance="uniform"`` there is no prefill score: every entry starts at 0, all
+        equal, so only the attention paid while decoding tells them apart.
     protect : {"none", "instruction", "last"}, default "none"
         Also keep, unmerged, the last user turn ("instruction": the trace's
         ``instruction`` span, which :func:`elastic.generate` fills) or the last
@@ -128,7 +132,7 @@ class ElasticPolicy(Policy):
         """Slot index N_tl evicted while decoding, for a prompt of ``prompt_length`` tokens
         compressed to ``prompt_entries``: never one of the sinks."""
         sinks = self.start_size if prompt_length is None else self.sinks(prompt_length)
-        return max(sinks, prompt_entries + self.distance)
+        return fixed_point_index(prompt_entries, sinks, self.distance)
 
     # -- score ------------------------------------------------------------------------
     def score(self, query, key, scaling):
@@ -183,13 +187,12 @@ class ElasticPolicy(Policy):
         return torch.where(protected, positions, group)
 
     # -- decoding ---------------------------------------------------------------------
-    def decode_victim(self, layer):
+    def decode_victim(self, view: Decode):
         if self.decode == "recent":
-            return layer.slot_of_rank(layer.get_seq_length() - 1)
+            return view.slot_of_rank(view.get_seq_length() - 1)
         if self.decode == "lowest-frequency":
-            return lowest_score_slot(layer, layer.accumulated, layer.positions >= self.sinks(layer.prompt_length))
-        return layer.slot_of_rank(min(self.fixed_point(layer.prompt_entries, layer.prompt_length),
-                                             layer.get_seq_length() - 1))
+            return lowest_score_slot(view, view.accumulated, view.positions >= self.sinks(view.prompt_length))
+        return fixed_point_slot(view, self.fixed_point(view.prompt_entries, view.prompt_length))
 
 
 def instruction_span(spans: dict | None, prompt_length: int) -> tuple[int, int]:

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import scoring
-from .base import Policy, keep_mask, lowest_score_slot, top_k_mask
+from ..budget import share_count
+from .base import Decode, Policy
+from .plans import lowest_score_slot, recent_and_top
 
 
 @dataclass
@@ -39,23 +41,19 @@ class H2OPolicy(Policy):
             raise ValueError(f"recent_ratio must be in [0, 1], got {self.recent_ratio!r}")
 
     def recent_size(self, capacity: int) -> int:
-        return min(capacity - 1, int(capacity * self.recent_ratio))
+        """The recent window of a layer that may hold ``capacity`` entries."""
+        return share_count(capacity, self.recent_ratio)
 
     def score(self, query, key, scaling):
         return scoring.attention_received(query, key, scaling)
 
     def plan_prefill(self, scores, prompt):
-        T, n_keep = prompt.length, self.prompt_keep(prompt)
-        if n_keep >= T:
-            return prompt.positions().clone()
-        recent = self.recent_size(n_keep)
-        older = prompt.positions() < T - recent
-        keep = top_k_mask(scores, n_keep - recent, older) | ~older
-        return keep_mask(keep, prompt)
+        n_keep = self.prompt_keep(prompt)
+        return recent_and_top(scores, prompt, n_keep, self.recent_size(n_keep))
 
-    def decode_victim(self, layer):
-        recent = self.recent_size(layer.capacity())
-        positions = layer.positions
+    def decode_victim(self, view: Decode):
+        recent = self.recent_size(view.capacity())
+        positions = view.positions
         # Older than the recent window: at most the (S - recent)-th smallest position.
-        newest_old = positions.gather(1, layer.slot_of_rank(layer.get_seq_length() - recent - 1)[:, None])
-        return lowest_score_slot(layer, layer.accumulated, positions <= newest_old)
+        newest_old = positions.gather(1, view.slot_of_rank(view.get_seq_length() - recent - 1)[:, None])
+        return lowest_score_slot(view, view.accumulated, positions <= newest_old)

@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 
 from .. import scoring
-from .base import Policy, lowest_score_slot
+from .base import Decode, Policy
+from .plans import lowest_score_slot
 
 
 @dataclass
@@ -71,10 +72,10 @@ class ReferenceH2OPolicy(Policy):
     def initial_accumulated(self, scores, kept):
         return scores[:, :kept.shape[1]]  # slot i keeps the score of position i
 
-    def decode_victim(self, layer):
-        rank = layer.positions.argsort(dim=-1).argsort(dim=-1)  # slot order as the reference sees it
-        S = layer.get_seq_length()
+    def decode_victim(self, view: Decode):
+        rank = view.positions.argsort(dim=-1).argsort(dim=-1)  # slot order as the reference sees it
+        S = view.get_seq_length()
         # The reference's sinks are slots; if they cover every slot but the newest, the one
         # before the newest goes (the reference would fail on an empty range).
         first = min(self.start_size, S - 2)
-        return lowest_score_slot(layer, layer.accumulated, (rank >= first) & (rank < S - 1))
+        return lowest_score_slot(view, view.accumulated, (rank >= first) & (rank < S - 1))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import Policy, keep_mask
+from .base import Decode, Policy
+from .plans import keep_mask
 
 
 @dataclass
@@ -32,5 +33,5 @@ class LocalPolicy(Policy):
         recent = n_keep - len(self.protected(T))
         return keep_mask((positions < self.start_size) | (positions >= T - recent), prompt)
 
-    def decode_victim(self, layer):
-        return layer.slot_of_rank(self.sinks(layer.prompt_length))
+    def decode_victim(self, view: Decode):
+        return view.slot_of_rank(self.sinks(view.prompt_length))  # the oldest entry after the sinks

@@ -9,8 +9,9 @@ import torch
 
 from .. import scoring
 from ..spans import SPANS_HOW
-from .base import HEADS, choice, nearest_by_cosine
+from .base import HEADS, choice
 from .h2o import H2OPolicy
+from .plans import nearest_by_cosine
 
 MERGES = ("pivot", "evict")
 

@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from .. import scoring
 from ..budget import distribute, layer_ratio, layer_total, mass_threshold_counts
-from .base import Policy, keep_mask, top_k_mask, whole
+from .base import Decode, Policy, whole
+from .plans import fixed_point_index, fixed_point_slot, keep_mask, top_k_mask
 
 
 @dataclass
@@ -104,8 +105,7 @@ class PrefixKVPolicy(Policy):
     def fixed_point(self, prompt_entries: int, prompt_length: int | None = None) -> int:
         """Elastic's N_tl for one layer: ``prompt_entries + distance``, never a sink."""
         sinks = self.start_size if prompt_length is None else self.sinks(prompt_length)
-        return max(sinks, prompt_entries + self.distance)
+        return fixed_point_index(prompt_entries, sinks, self.distance)
 
-    def decode_victim(self, layer):
-        return layer.slot_of_rank(min(self.fixed_point(layer.prompt_entries, layer.prompt_length),
-                                      layer.get_seq_length() - 1))
+    def decode_victim(self, view: Decode):
+        return fixed_point_slot(view, self.fixed_point(view.prompt_entries, view.prompt_length))

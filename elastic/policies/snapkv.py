@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 
 from .. import scoring
-from .base import HEADS, Policy, choice, keep_mask, top_k_mask, whole
+from .base import HEADS, Policy, choice, whole
+from .plans import recent_and_top
 from .tova import TOVAPolicy
 
 
@@ -67,12 +68,8 @@ class SnapKVPolicy(Policy):
         return pool(votes, self.kernel, self.pooling, key.shape[-2] - window)
 
     def plan_prefill(self, scores, prompt):
-        T, n_keep = prompt.length, self.prompt_keep(prompt)
-        if n_keep >= T:
-            return prompt.positions().clone()
-        window = min(self.window, n_keep)
-        older = prompt.positions() < T - window
-        return keep_mask(top_k_mask(scores, n_keep - window, older) | ~older, prompt)
+        n_keep = self.prompt_keep(prompt)
+        return recent_and_top(scores, prompt, n_keep, min(self.window, n_keep))
 
     # While decoding: TOVA's rule (the entry the newest token attends to least goes).
     accumulate = TOVAPolicy.accumulate

@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 
 from .. import scoring
-from .base import HEADS, Policy, choice, keep_mask, lowest_score_slot, top_k_mask
+from .base import HEADS, Decode, Policy, choice
+from .plans import keep_mask, lowest_score_slot, top_k_mask
 
 
 @dataclass
@@ -51,5 +52,5 @@ class TOVAPolicy(Policy):
     def accumulate(self, accumulated, received):
         return received  # only the newest token's attention counts
 
-    def decode_victim(self, layer):
-        return lowest_score_slot(layer, layer.accumulated, torch.ones_like(layer.positions, dtype=torch.bool))
+    def decode_victim(self, view: Decode):
+        return lowest_score_slot(view, view.accumulated, torch.ones_like(view.positions, dtype=torch.bool))

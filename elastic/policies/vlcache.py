@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import scoring
-from ..budget import distribute, keep_count, layer_ratio, layer_total
+from ..budget import distribute, keep_count, layer_ratio, layer_total, share_count
 from ..spans import SPANS_HOW
-from .base import Policy, keep_mask, top_k_mask, whole
+from .base import Policy, whole
+from .plans import recent_and_top
 from .tova import TOVAPolicy
+
 
 @dataclass
 class VLCachePolicy(Policy):
@@ -99,20 +100,17 @@ class VLCachePolicy(Policy):
         T, minimum = prompt_length, self.min_entries(prompt_length, spans)
         total = layer_total(self.budget, T, len(stats), minimum)
         density = [1.0 - float(s) for s in stats]
-        lowest = max(minimum, math.ceil(self.min_ratio * T))
-        counts = distribute(total, density, min(lowest, T), T)
+        lowest = keep_count(self.min_ratio, T, minimum)  # min_ratio of the prompt, never below the minimum
+        counts = distribute(total, density, lowest, T)
         return [layer_ratio(k, T) for k in counts]
 
     def recent_size(self, capacity: int) -> int:
-        return min(capacity - 1, int(capacity * self.recent_ratio))
+        """The recent window of a layer that may hold ``capacity`` entries."""
+        return share_count(capacity, self.recent_ratio)
 
     def plan_prefill(self, scores, prompt):
-        T, n_keep = prompt.length, self.prompt_keep(prompt)
-        if n_keep >= T:
-            return prompt.positions().clone()
-        recent = self.recent_size(n_keep)
-        older = prompt.positions() < T - recent
-        return keep_mask(top_k_mask(scores, n_keep - recent, older) | ~older, prompt)
+        n_keep = self.prompt_keep(prompt)
+        return recent_and_top(scores, prompt, n_keep, self.recent_size(n_keep))
 
     def capacity(self, tokens_seen, prompt_length, spans=None, budget=None):
         if not self.hold_budget:  # the prompt's entries, then every decoded token
