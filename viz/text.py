@@ -139,5 +139,5 @@ def summary_markdown(trace, stats: dict, warnings=()) -> str:
             f"Prefill {_number(stats.get('prefill_s')) or 0.0:.2f} s, "
             f"{'n/a' if speed is None else f'{speed:.1f}'} tokens/s, {stats.get('new_tokens')} new tokens.")
     if stats.get("stopped"):
-        line = f"⏹ Stopped after {stats.get('new_tokens')} tokens. " + line
+        line = f"Stopped after {stats.get('new_tokens')} tokens. " + line
     return "\n\n".join([line] + [f"⚠️ {w}" for w in warnings])
