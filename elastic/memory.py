@@ -501,7 +501,7 @@ def format_table(table: list[Row]) -> str:
     full = {(r.tokens, r.batch): r for r in table if r.method == "full"}
     head = ("| context (system + image + text) | batch | method | budget | entries after prefill | entries at the end | "
             "buffer slots | KV after prefill (GiB) | KV at the end (GiB) | KV allocated (GiB) | allocated / full | "
-            "saved vs full (GiB) | weights + KV (GiB) | window + state (GiB) | whole cache / full |")
+            "saved vs full (GiB) | weights + cache (GiB) | window + state (GiB) | whole cache / full |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in table:
         f = full.get((r.tokens, r.batch))
@@ -509,12 +509,13 @@ def format_table(table: list[Row]) -> str:
         split = " ‡" if r.per_layer_budget else ""
         ratio = f"{r.allocated_bytes / f.allocated_bytes:.3f}" if f else "-"
         saved = _gib(f.allocated_bytes - r.allocated_bytes) if f else "-"
+        whole = f"{r.cache_bytes / f.cache_bytes:.3f}" if f else "-"
+        prompt = f"{r.span_tokens('system')} + {r.span_tokens('image')} + {r.span_tokens('instruction')}"
         lines.append(
-            f"| {r.tokens}{mark} ({r.span_tokens('system')} + {r.span_tokens('image')} + {r.span_tokens('instruction')})"
-            f" | {r.batch} | {r.method}{split} | {r.budget:g} | {r.count(r.prefill_entries)} | "
-            f"{r.count(r.end_entries)} | {r.count(r.slots)} | {_gib(r.prefill_bytes)} | {_gib(r.kv_bytes)} | "
-            f"{_gib(r.allocated_bytes)} | {ratio} | {saved} | {_gib(r.weight_bytes + r.cache_bytes)} | "
-            f"{_gib(r.other_bytes)} | {f'{r.cache_bytes / f.cache_bytes:.3f}' if f else '-'} |"
+            f"| {r.tokens}{mark} ({prompt}) | {r.batch} | {r.method}{split} | {r.budget:g} | "
+            f"{r.count(r.prefill_entries)} | {r.count(r.end_entries)} | {r.count(r.slots)} | "
+            f"{_gib(r.prefill_bytes)} | {_gib(r.kv_bytes)} | {_gib(r.allocated_bytes)} | {ratio} | {saved} | "
+            f"{_gib(r.weight_bytes + r.cache_bytes)} | {_gib(r.other_bytes)} | {whole} |"
         )
     return "\n".join(lines)
 
@@ -531,8 +532,8 @@ def describe(table: list[Row], shape: ModelShape | None = None) -> str:
         full = shape.full_layers
         kinds = ", ".join(f"{shape.layer_types.count(k)} {k}" for k in dict.fromkeys(shape.layer_types)) \
             if shape.layer_types else f"{shape.layers} full_attention"
-        lines.append(f"{shape.name}: {shape.layers} layers ({kinds}), {shape.heads} query / {shape.kv_heads} KV heads, "
-                     f"head_dim {shape.head_dim}, {shape.parameters / 1e9:.2f}B parameters = "
+        lines.append(f"{shape.name}: {shape.layers} layers ({kinds}), {shape.heads} query / {shape.kv_heads} KV "
+                     f"heads, head_dim {shape.head_dim}, {shape.parameters / 1e9:.2f}B parameters = "
                      f"{r.weight_bytes / 2**30:.2f} GiB of {r.dtype} weights (built on the meta device).")
         lines.append(f"KV bytes = 2 x {full} full-attention layers x {shape.kv_heads} KV heads x {shape.head_dim} x "
                      f"entries per layer x batch x {dtype_bytes(r.dtype)} bytes; {r.new_tokens} new tokens "
@@ -540,13 +541,14 @@ def describe(table: list[Row], shape: ModelShape | None = None) -> str:
         if shape.windows:
             windows = sorted(set(shape.windows))
             lines.append(f"Window + state: {len(shape.windows)} sliding/chunked layers keep min(tokens seen, W - 1) "
-                         f"entries each (W = {', '.join(map(str, windows))}) at the end, the same for every method: not "
-                         "compressed.")
+                         f"entries each (W = {', '.join(map(str, windows))}) at the end, the same for every "
+                         "method: not compressed.")
         if shape.state_values:
-            lines.append(f"Window + state: {shape.layers - full - len(shape.windows)} linear-attention/conv layers keep "
-                         f"{shape.state_values} conv-state values ({r.dtype}) + {shape.recurrent_values} "
-                         f"recurrent-state values (float32) per sample = {shape.state_bytes(dtype_bytes(r.dtype)) / 2**20:.1f} "
-                         "MiB, whatever the context and the method.")
+            mib = shape.state_bytes(dtype_bytes(r.dtype)) / 2**20
+            lines.append(f"Window + state: {shape.layers - full - len(shape.windows)} linear-attention/conv layers "
+                         f"keep {shape.state_values} conv-state values ({r.dtype}) + {shape.recurrent_values} "
+                         f"recurrent-state values (float32) per sample = {mib:.1f} MiB, whatever the context and "
+                         "the method.")
     lines.append("Counts from the policies' own budget arithmetic (prompt_keep, capacity); the prefill briefly "
                  "holds a layer's whole prompt before compressing it (every layer's, for methods that plan "
                  "once all layers have attended).")
