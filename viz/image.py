@@ -33,6 +33,38 @@ def image_grid(trace) -> tuple[int, int] | None:
     return (side, side) if side * side == n and n > 0 else None
 
 
+# Tiles that show the whole image (the picture is drawn under them).
+WHOLE_VIEWS = ("image", "global", "thumbnail", "base", "anyres")
+
+
+def tile_cells(trace):
+    """Where each image cell sits in the figure: ``(positions, cell, rows, cols, boxes)``.
+
+    One grid (LLaVA, one Qwen image): its cells as :func:`image_grid` lays them out. Several
+    tiles or images (``trace.image_tiles``: SmolVLM, InternVL, LLaVA-NeXT, Pixtral rows, ...):
+    the tiles side by side, one empty column apart; markers and breaks are not cells.
+    ``cell[p] = (row, col)``; ``boxes`` holds ``(col0, rows, cols, kind)`` of each tile.
+    None if the prompt has no mappable image.
+    """
+    tiles = list(getattr(trace, "image_tiles", None) or [])
+    span = trace.image_span
+    grid = image_grid(trace)
+    if grid is not None and (len(tiles) <= 1 or span is None):
+        rows, cols = grid
+        positions = list(range(span[0], span[0] + rows * cols))
+        return positions, {p: divmod(p - span[0], cols) for p in positions}, rows, cols, [(0, rows, cols, "image")]
+    if not tiles:
+        return None
+    positions, cell, boxes, col0 = [], {}, [], 0
+    for tile in tiles:
+        for k, p in enumerate(tile.positions):
+            positions.append(int(p))
+            cell[int(p)] = (k // tile.cols, col0 + k % tile.cols)
+        boxes.append((col0, tile.rows, tile.cols, tile.kind))
+        col0 += tile.cols + 1
+    return positions, cell, max(t.rows for t in tiles), col0 - 1, boxes
+
+
 def fit_image(image: Image.Image, rows: int, cols: int) -> Image.Image:
     """Centre-crop ``image`` to the grid's aspect ratio and shrink it for display.
 
@@ -79,22 +111,32 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
         Markers ``anchors`` (kept image tokens), ``evicted at prefill`` and ``removed while
         decoding`` sit on their cells.
     """
-    grid = image_grid(trace)
-    if grid is None:
+    layout = tile_cells(trace)
+    if layout is None:
         return message_figure("This prompt has no image tokens to map onto the image.", "The image", height=200)
-    rows, cols = grid
+    positions, cell, rows, cols, boxes = layout
     step = resolve_step(trace, step)
-    start, end = trace.image_span
     state = prompt_state(trace, layer, step)
-    positions = np.arange(start, end)
+    positions = np.asarray(positions, dtype=np.int64)
+    at = np.full((rows, cols), -1, dtype=np.int64)  # the position in each cell, -1 between tiles
+    for p in positions.tolist():
+        at[cell[p]] = p
+
+    def mosaic(values, empty=None):
+        """``[rows, cols]`` list of ``values`` (one per position) in their cells."""
+        out = [[empty] * cols for _ in range(rows)]
+        for p, v in zip(positions.tolist(), values):
+            out[cell[p][0]][cell[p][1]] = v
+        return out
+
     lt = trace.layers[layer]
 
     labels = []
     for p in positions.tolist():
         status, g = state.status[p], int(state.group[p])
-        text = f"position {p} (row {(p - start) // cols}, col {(p - start) % cols})<br>"
+        text = f"position {p} (row {cell[p][0]}, col {cell[p][1]})<br>"
         if status == MERGED:
-            where = f"row {(g - start) // cols}, col {(g - start) % cols}" if start <= g < end else trace.token_type(g)
+            where = f"row {cell[g][0]}, col {cell[g][1]}" if g in cell else trace.token_type(g)
             text += f"merged into {g} ({where})"
         elif status == EVICTED:
             text += "evicted at the prefill"
@@ -107,21 +149,21 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
         labels.append(text)
 
     if lt.scores is not None:
-        z = log_scores(lt.scores[start:end]).reshape(rows, cols)
+        z = mosaic(log_scores(lt.scores[positions]).tolist())
         colorscale, colorbar = "Viridis", dict(**COLORBAR, title=dict(text="log10<br>score", side="top",
                                                                        font=dict(size=FONT_SIZE)))
     else:
         # No scores: colour by whether the patch still lives in the cache.
-        alive = (state.group[start:end] >= 0) & ~state.dropped[start:end]
-        z = alive.astype(float).reshape(rows, cols)
+        alive = (state.group[positions] >= 0) & ~state.dropped[positions]
+        z = mosaic(alive.astype(float).tolist())
         colorscale, colorbar = [[0, "rgba(40,40,40,0.9)"], [1, "rgba(42,157,143,0.15)"]], None
 
     fig = go.Figure()
     fig.add_trace(go.Heatmap(
-        name="patches", z=z.tolist(), x=list(range(cols)), y=list(range(rows)),
-        customdata=[[[int(positions[r * cols + c]), int(state.group[positions[r * cols + c]])]
+        name="patches", z=z, x=list(range(cols)), y=list(range(rows)),
+        customdata=[[[int(at[r, c]), int(state.group[at[r, c]])] if at[r, c] >= 0 else None
                      for c in range(cols)] for r in range(rows)],
-        text=np.array(labels, dtype=object).reshape(rows, cols).tolist(),
+        text=mosaic(labels, ""),
         hovertemplate="%{text}<extra></extra>", colorscale=colorscale, showscale=colorbar is not None,
         colorbar=colorbar, xgap=0.5, ygap=0.5,
         # Light enough over the picture that a shape keeps its own colour (orange stays orange).
@@ -131,7 +173,7 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
     def cells(name, ps, symbol, colour, size):
         ps = [int(p) for p in ps]
         fig.add_trace(go.Scatter(
-            name=name, x=[(p - start) % cols for p in ps], y=[(p - start) // cols for p in ps], mode="markers",
+            name=name, x=[cell[p][1] for p in ps], y=[cell[p][0] for p in ps], mode="markers",
             customdata=ps, marker=dict(symbol=symbol, color=colour, size=size, line=dict(color=colour, width=1.5)),
             hovertemplate=f"{name}: position %{{customdata}}<extra></extra>",
         ))
@@ -144,17 +186,20 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
           "#8a8a8a", max(2, marker_size // 2))
     cells("evicted at prefill", [p for p, s in zip(positions, image_status) if s == EVICTED], "x-thin-open",
           "#444444", marker_size)
-    cells("removed while decoding", positions[state.dropped[start:end]], "x-thin-open", DROPPED_COLOUR, marker_size)
+    cells("removed while decoding", positions[state.dropped[positions]], "x-thin-open", DROPPED_COLOUR, marker_size)
 
-    if image is not None:
-        fig.add_layout_image(dict(
-            source=fit_image(image, rows, cols), xref="x", yref="y", x=-0.5, y=-0.5, sizex=cols, sizey=rows,
-            xanchor="left", yanchor="top", sizing="stretch", layer="below", name="input",
-        ))
+    # The picture under each tile that shows the whole image (the app sends one image per prompt).
+    for col0, tile_rows, tile_cols, kind in (boxes if image is not None else []):
+        if kind in WHOLE_VIEWS or len(boxes) == 1:
+            fig.add_layout_image(dict(
+                source=fit_image(image, tile_rows, tile_cols), xref="x", yref="y", x=col0 - 0.5, y=-0.5,
+                sizex=tile_cols, sizey=tile_rows, xanchor="left", yanchor="top", sizing="stretch", layer="below",
+                name="input",
+            ))
     n_kept = len(kept)
     n_merged = sum(s == MERGED for s in image_status)
-    sub = (f"prefill kept {n_kept}, merged {n_merged}, evicted {rows * cols - n_kept - n_merged} of {rows * cols}; "
-           f"removed while decoding {int(state.dropped[start:end].sum())}")
+    sub = (f"prefill kept {n_kept}, merged {n_merged}, evicted {len(positions) - n_kept - n_merged} of {len(positions)}; "
+           f"removed while decoding {int(state.dropped[positions].sum())}")
     fig.update_layout(
         title=figure_title(f"Image tokens, layer {layer_label(trace, layer)}, step {step}", sub),
         height=height, margin=dict(l=20, r=MODEBAR_ROOM + 30, t=title_height(sub), b=70),
