@@ -14,8 +14,9 @@ EXAMPLES_DIR = ROOT / "assets" / "examples"
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"  # served as a file: Compare links to its measured speeds
 BENCHMARKS_LINK = f"/gradio_api/file={BENCHMARKS}"
 COMPARE_METHODS = ("full", "elastic", "h2o")
-# The Explore tab's first settings; examples.json's ``default_right`` is measured with them.
-DEFAULT_METHOD, DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS = "elastic", 0.5, 160
+# The Explore tab's first settings: the first example's (its ``budget`` in examples.json, where
+# Elastic Cache gives the full cache's answer; tests/test_shipped_model.py checks both).
+DEFAULT_METHOD, DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS = "elastic", 0.8, 160
 ABLATION_CHOICES = {"importance": elastic_cache.IMPORTANCE, "scope": elastic_cache.SCOPES,
                     "prefill": elastic_cache.PREFILLS, "decode": elastic_cache.DECODES,
                     "protect": elastic_cache.PROTECTS}
@@ -30,12 +31,7 @@ def load_examples(folder: Path) -> list[dict]:
     return [dict(e, image=str(Path(folder) / e["image"])) for e in json.loads(path.read_text())]
 
 
-def examples_label(examples: list[dict]) -> str:
-    """The examples' heading; it says which ones the default settings (``DEFAULT_METHOD`` at
-    ``DEFAULT_BUDGET``) get wrong, as ``examples.json`` records (``default_right``, checked by
-    a test)."""
-    wrong = [str(i + 1) for i, e in enumerate(examples) if e.get("default_right") is False]
-    which = "all of them" if len(wrong) == len(examples) else ", ".join(wrong)
-    setting = f"{viz.method_name(DEFAULT_METHOD)} at {DEFAULT_BUDGET:g}"
-    note = f" ({setting} gets {which} wrong: see why in the figures)" if wrong else ""
-    return "**Example scenes**: click one, then Send" + note
+def example_caption(number: int, example: dict) -> str:
+    """A thumbnail's caption: what the example shows, as ``examples.json`` says (measured:
+    ``elastic_right`` at the example's ``budget``, checked by tests/test_shipped_model.py)."""
+    return f"{number}. {example.get('caption') or example['prompt']}"

@@ -10,7 +10,7 @@ import gradio as gr
 import viz
 
 from .defaults import (ABLATION_CHOICES, DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, METHOD_CHOICES,
-                       examples_label)
+                       example_caption)
 from .guards import checked_number
 from .panel import PANEL, WAITING, explain_placeholder
 
@@ -76,11 +76,10 @@ def build_explore_tab(examples: list[dict]) -> ExploreTab:
             with gr.Column(scale=4, min_width=340, elem_id="explore-left"):
                 # The main loop fits a 1280x720 projector without scrolling: the example scenes,
                 # method and budget, the chat, the message box, Send and Stop. The rest is below.
-                if examples:
-                    gr.Markdown(examples_label(examples), elem_id="examples-head")
+                if examples:  # a click puts the scene, its question and its budget in place
                     c["examples"] = gr.Gallery(
-                        [(e["image"], f"{i + 1}. {e.get('label') or e['prompt']}") for i, e in enumerate(examples)],
-                        show_label=False, columns=len(examples), rows=1, height=104, allow_preview=False,
+                        [(e["image"], example_caption(i + 1, e)) for i, e in enumerate(examples)],
+                        show_label=False, columns=len(examples), rows=1, height=128, allow_preview=False,
                         interactive=False, object_fit="contain", buttons=[], elem_id="chat-examples")
                 with gr.Row(elem_id="method-budget"):
                     c["method"] = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, label="Method", elem_id="method",

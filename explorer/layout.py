@@ -10,7 +10,7 @@ from . import limits
 from .chat import chat, clear_chat, waiting_status
 from .compare import compare, compare_from_chat, compare_started
 from .compare_tab import build_compare_tab
-from .defaults import BENCHMARKS, EXAMPLES_DIR, load_examples
+from .defaults import BENCHMARKS, DEFAULT_BUDGET, DEFAULT_METHOD, EXAMPLES_DIR, load_examples
 from .explore_tab import build_explore_tab
 from .guards import RequestTooLarge, bound_only_model_events
 from .panel import live_panel, on_slider, pending_panel, show_panel
@@ -19,7 +19,8 @@ from .sessions import forget_session, stop_generation
 CSS = (Path(__file__).parent / "style.css").read_text()
 INTRO = """**Elastic Cache Explorer**: watch a compressed KV cache while a vision-language model answers \
 ([Elastic Cache](https://arxiv.org/abs/2407.18121) merges unimportant prompt tokens into *anchors*, then evicts at one
-fixed point). Model: SmolLM2-135M-Instruct with eyes, which knows only **synthetic shape scenes** (3x3 grids of shapes)."""
+fixed point). Model: SmolLM2-135M-Instruct with eyes, which knows only **synthetic shape scenes** (3x3 grids of shapes):
+pick an example scene below, then Send."""
 # A plot drawn while its tab was hidden has no width to fit; a resize on showing the tab
 # makes plotly fit it to the visible column again.
 RESIZE_JS = "() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }"
@@ -50,11 +51,14 @@ def wire_explore(e, comp, tabs, timer, gpu, examples) -> None:
     sliders = e.sliders
     if e.examples is not None:
         def pick(selected: gr.SelectData):
-            """A thumbnail puts its scene and question into the message box."""
+            """A thumbnail puts its scene and question into the message box, and sets the
+            method and budget its caption speaks of."""
             chosen = examples[selected.index]
-            return {"text": chosen["prompt"], "files": [chosen["image"]]}
+            return ({"text": chosen["prompt"], "files": [chosen["image"]]}, DEFAULT_METHOD,
+                    chosen.get("budget", DEFAULT_BUDGET))
 
-        e.examples.select(pick, None, [e.msg], queue=False, api_name=False, show_progress="hidden")
+        e.examples.select(pick, None, [e.msg, e.method, e.budget], queue=False, api_name=False,
+                          show_progress="hidden")
     send = [e.msg.submit, e.send.click]
     gr.on(send, waiting_status, [e.msg], [e.status], queue=False, api_name=False, show_progress="hidden")
     gr.on(send, start_live, None, [*e.panel, timer], queue=False, api_name=False, show_progress="hidden")

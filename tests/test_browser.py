@@ -130,8 +130,9 @@ def test_compare_tab_shows_three_answers(page):
         f"() => document.querySelector('#compare-question textarea')?.value === {json.dumps(page.prompt)}",
         timeout=TIMEOUT)
     page.get_by_role("button", name="Run side by side").click()
-    page.wait_for_function(
-        "() => document.querySelectorAll('#compare-html .ec-answer').length === 3", timeout=TIMEOUT)
+    page.wait_for_function(  # the end: three answers and the note under them
+        "() => document.querySelectorAll('#compare-html .ec-answer').length === 3"
+        " && document.querySelector('#compare-html .ec-speed-note')", timeout=TIMEOUT)
     html = page.locator("#compare-html").inner_text()
     assert "Full cache" in html and "Elastic Cache" in html and "H2O" in html and "ROUGE-L" in html
     page.screenshot(path=str(ARTIFACTS / "app_compare.png"), full_page=True)
@@ -148,6 +149,7 @@ def _open(page, width=1280, height=720, dark=False, max_new=24):
     limit = other.locator("#max-new input[type=number]")  # short answers keep the test fast
     limit.fill(str(max_new))
     limit.press("Enter")
+    other.evaluate("window.scrollTo(0, 0)")  # the limit is below the fold: back to the first screen
     return other
 
 
@@ -212,10 +214,12 @@ def test_two_tabs_generating_at_once_get_their_own_answers(page):
 
 def test_how_it_works_states_the_clamped_fixed_point(page):
     tab = _open(page, 1280, 720)
+    tab.locator("#chat-examples .gallery-item").first.click()  # it sets its own budget ...
+    tab.wait_for_selector("#msg img", timeout=TIMEOUT)
     box = tab.locator("#budget input[type=number]")
-    box.fill("0.1")
+    box.fill("0.1")  # ... which this one replaces
     box.press("Enter")
-    _send_example(tab, 0)
+    tab.locator("#msg textarea").press("Enter")
     _answered(tab)
     tab.get_by_role("tab", name="How it works").click()
     text = tab.locator("#explain").inner_text()
@@ -232,7 +236,78 @@ def test_dark_theme_keeps_everything_readable(page):
     rgb = [int(x) for x in body[body.index("(") + 1:body.index(")")].split(",")[:3]]
     assert sum(rgb) < 200, f"the dark theme did not apply: {body}"
     plot = tab.evaluate("getComputedStyle(document.querySelector('#heatmap .main-svg')).backgroundColor")
-    assert plot in ("rgba(0, 0, 0, 0)", "transparent"), f"a light box on the dark page: {plot}"
+    # Figures carry their own white background and near-black text (no one text colour reaches
+    # 4.5:1 on both themes' pages); test_browser_figures.py measures every text's contrast.
+    assert plot == "rgb(255, 255, 255)", f"the figure lost its own background on the dark page: {plot}"
     tab.screenshot(path=str(ARTIFACTS / "app_dark.png"))
+    assert tab.errors == []
+    tab.close()
+
+
+def _inside(page, selector: str, height: int) -> dict:
+    box = page.locator(selector).first.bounding_box()
+    assert box and box["y"] >= 0 and box["y"] + box["height"] <= height, f"{selector} is not on screen: {box}"
+    return box
+
+
+@pytest.mark.parametrize("width, height", [(1280, 720), (1920, 1080)])
+def test_projector_the_figures_come_while_the_answer_streams(page, width, height):
+    # At a classroom projector's size: the heatmap is drawn before the answer ends, Stop is
+    # on screen while it streams, the chat is at least 300 px tall (issue 32, (a)-(c)).
+    tab = _open(page, width, height, max_new=120)
+    eos = page.model.generation_config.eos_token_id
+    page.model.generation_config.eos_token_id = None  # the answer runs to 120 tokens
+    try:
+        tab.locator("#chat-examples .gallery-item").first.click()
+        tab.wait_for_selector("#msg img", timeout=TIMEOUT)
+        tab.locator("#send").click()
+        tab.evaluate("window.scrollTo(0, 0)")
+        _plot_rendered(tab, "heatmap", "heatmaplayer image")
+        streaming = tab.evaluate("() => !document.querySelector('#status')?.innerText.includes('KV entries')")
+        assert streaming, "the heatmap came only after the answer had ended"
+        assert "Attention received" in _title(tab, "heatmap")
+        _inside(tab, "#stop", height)
+        _inside(tab, "#heatmap", height)
+        assert _inside(tab, "#chatbot", height)["height"] >= 300
+        # The decoding views follow: the step slider moves while the answer is written.
+        first = tab.locator("#step input[type=number]").input_value()
+        tab.wait_for_function(f"() => Number(document.querySelector('#step input[type=number]').value) > {first}"
+                              " && !document.querySelector('#status').innerText.includes('KV entries')",
+                              timeout=TIMEOUT)
+        tab.screenshot(path=str(ARTIFACTS / f"app_live_{width}x{height}.png"))
+        tab.locator("#stop").click()
+        tab.wait_for_function("() => document.querySelector('#status')?.innerText.includes('Stopped after')",
+                              timeout=TIMEOUT)
+    finally:
+        page.model.generation_config.eos_token_id = eos
+    _answered(tab)
+    tab.screenshot(path=str(ARTIFACTS / f"app_done_{width}x{height}.png"))
+    assert tab.errors == []
+    tab.close()
+
+
+def test_compare_shows_an_answer_while_it_is_written(page):
+    tab = _open(page, 1280, 720)
+    eos = page.model.generation_config.eos_token_id
+    page.model.generation_config.eos_token_id = None  # each answer runs to the limit
+    try:
+        tab.get_by_role("tab", name="Compare").click()
+        tab.locator("#compare-examples .gallery-item").first.click()
+        limit = tab.locator("#compare-max-new input[type=number]")
+        limit.fill("40")
+        limit.press("Enter")
+        tab.get_by_role("button", name="Run side by side").click()
+        # (e): a method's partial answer on screen while later methods still wait.
+        tab.wait_for_function("() => { const h = document.querySelector('#compare-html');"
+                              " return h && h.innerText.includes('writing') && h.innerText.includes('waiting')"
+                              " && h.querySelector('.ec-answer') && h.querySelector('.ec-answer').innerText.trim()"
+                              ".length > 0; }", timeout=TIMEOUT)
+        tab.screenshot(path=str(ARTIFACTS / "app_compare_live.png"))
+        head = tab.locator("#compare-html .ec-compare-head").inner_text()
+        assert "budget 0.3" in head and tab.examples[0]["image"].split("/")[-1] in head
+        tab.wait_for_function("() => document.querySelector('#compare-html .ec-speed-note')", timeout=TIMEOUT)
+    finally:
+        page.model.generation_config.eos_token_id = eos
+    assert tab.locator("#compare-html .ec-answer").count() == 3
     assert tab.errors == []
     tab.close()
