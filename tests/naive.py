@@ -213,7 +213,7 @@ def run(model, input_ids, method, budget, max_new_tokens, start_size=1, distance
     all_scores = [[importance_scores(method, out.attentions[l], T, o, g if per_head else None) if scoring else None
                    for g in range(G)] for l in range(n_layers)]
     shared = o.get("scope") == "shared" or method == "h2o-ref"
-    if shared:  # one score for all layers: their mean
+    if shared and scoring:  # one score for all layers: their mean (uniform: no score to share)
         mean = [sum(all_scores[l][0][j] for l in range(n_layers)) / n_layers for j in range(T)]
         all_scores = [[mean] for _ in range(n_layers)]
     layers = []  # per layer, per row: {"pos": [...], "acc": [...], "k": [S entries [h, D]], "v": ...}
