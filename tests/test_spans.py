@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import elastic
@@ -168,3 +169,49 @@ def test_trace_carries_the_tiles(llava):
     run(llava, inputs, cache)
     trace = cache.trace
     assert trace.image_grid == (4, 4) and trace.image_tiles == [elastic.ImageTile(4, 4, tuple(range(4, 20)))]
+
+
+# -- the families' own processors (built offline, tests/test_processors.py) ---------------------------
+def test_spans_of_smolvlm_processor_output(tmp_path):
+    """SmolVLM's own processor on a 32x16 image: two tiles behind <row_1_col_c> and the global
+    image behind <global-img>; the image span starts at <row_1_col_1> and ends after the last
+    <image>, and the tiles are the processor's runs of <image> tokens."""
+    import transformers
+    from test_processors import family_vocab, process, save_checkpoint, tiny_text, tiny_vision
+
+    tokens = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"}
+    markers = ["<row_1_col_1>", "<row_1_col_2>"]
+    vocab = family_vocab(tokens, markers)
+    config = transformers.SmolVLMConfig(text_config=dict(model_type="llama", **tiny_text()), scale_factor=2,
+                                        vision_config=tiny_vision(image_size=16, patch_size=4),
+                                        image_token_id=vocab["<image>"])
+    image_processor = transformers.SmolVLMImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 32}, max_image_size={"longest_edge": 16})
+    save_checkpoint(tmp_path, vocab, config, image_processor, tokens, "<image>",
+                    options={"processor_class": "SmolVLMProcessor", "image_seq_len": 4})
+    _, inputs = process(tmp_path, Image.new("RGB", (32, 16), "red"))
+    ids = inputs["input_ids"][0].tolist()
+    images = [p for p, i in enumerate(ids) if i == vocab["<image>"]]
+    assert elastic.prompt_spans(inputs, config)["image"] == (ids.index(vocab["<row_1_col_1>"]), images[-1] + 1)
+    tiles = elastic.image_tiles(inputs, config)
+    assert [t.positions for t in tiles] == [tuple(images[k:k + 4]) for k in (0, 4, 8)]
+    assert ids[tiles[-1].positions[0] - 1] == vocab["<global-img>"]
+
+
+def test_spans_of_qwen2_5_vl_processor_output(tmp_path):
+    """Qwen2.5-VL's own processor on a 32x24 image: one grid of image_grid_thw / merge."""
+    import transformers
+    from test_processors import QWEN, QWEN_IMAGE, family_vocab, merged_patch_config, process, save_checkpoint
+
+    vocab = family_vocab(QWEN)
+    config = merged_patch_config("qwen2_5_vl", vocab)
+    save_checkpoint(tmp_path, vocab, config, transformers.Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=64 * 64), QWEN, QWEN_IMAGE)
+    _, inputs = process(tmp_path, Image.new("RGB", (32, 24), "red"))
+    ids = inputs["input_ids"][0].tolist()
+    images = [p for p, i in enumerate(ids) if i == vocab["<|image_pad|>"]]
+    _, h, w = inputs["image_grid_thw"][0].tolist()
+    annotations = elastic.prompt_annotations(config, inputs)
+    assert annotations["spans"]["image"] == (images[0], images[-1] + 1)
+    assert annotations["image_grid"] == (h // 2, w // 2) and len(images) == h * w // 4
