@@ -293,6 +293,30 @@ def test_image_overlay_has_a_legend_entry_for_merged_patches(traces, image):
     assert data(fig, "patches")["opacity"] <= 0.25  # the picture's own colours show through
 
 
+def test_layer_axes_and_labels_show_the_decoder_index(traces, image):
+    """A hybrid model traces only its full-attention layers: traced layer l is decoder layer
+    ``trace.layer_ids[l]`` on every axis and label."""
+    t = dataclasses.replace(traces["elastic"], layer_ids=[1, 3, 5])
+    heat = viz.attention_heatmap(t, layer=1)
+    frame = next(s for s in heat.layout.shapes if s.name == "chosen layer")
+    axis = heat.layout[frame.yref.replace("y", "yaxis")]
+    ticks = dict(zip(axis.tickvals, axis.ticktext))
+    assert ticks[1] == "<b>3 \u2192</b>" and all(str([1, 3, 5][v]) in text for v, text in ticks.items())
+    assert data(heat, "scores")["text"][2][0].startswith("layer 5, position 0 ")
+    assert viz.merge_groups(t, 1).layout.title.text.startswith("Layer 3, ")
+    assert viz.cache_timeline(t, 2).layout.title.text.startswith("Layer 5, ")
+    assert viz.image_overlay(t, image, 0).layout.title.text.startswith("Image tokens, layer 1, ")
+    budgets = viz.layer_budgets_figure(t, layer=0)
+    assert list(budgets.layout.xaxis.ticktext) == ["1", "3", "5"] and list(budgets.layout.xaxis.tickvals) == [0, 1, 2]
+    assert "layer 5</b>" in data(budgets, "Elastic Cache")["hovertext"][2]
+    # Without the attribute (an older trace): 0 .. L-1.
+    import types
+
+    assert viz.style.layer_ids(types.SimpleNamespace(num_layers=3)) == [0, 1, 2]
+    plain = viz.attention_heatmap(traces["elastic"], layer=0)
+    assert "layer %{y}" in data(plain, "scores")["hovertemplate"]  # one label row for all layers, as before
+
+
 # -- legible from the back of a room (issue 32): fonts >= 14 px, WCAG AA contrast on both themes --
 # gradio 6.31's page behind a figure: white (light theme; Soft's blocks are white too) and, in the
 # dark theme, the page (neutral_950) and a block (Soft's block_background_fill_dark, neutral_800).

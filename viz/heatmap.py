@@ -73,7 +73,13 @@ def attention_heatmap(trace, layer: int | None = None, height: int = 400) -> go.
         specs=[[{}] * cols] * rows,
     )
     main = dict(row=rows, col=1)  # the map's cell
-    hover_layers = [[f"layer {ids[l]}, position {p} '{tokens[p]}'" for p in range(T)] for l in range(L)]
+    # The hover names the decoder layer: %{y} is it unless a hybrid model traced only some
+    # layers; then (only then) every cell carries its own label.
+    if ids == list(range(L)):
+        hover_layers, where = [tokens] * L, "layer %{y}, position %{x} '%{text}'"
+    else:
+        hover_layers = [[f"layer {ids[l]}, position {p} '{tokens[p]}'" for p in range(T)] for l in range(L)]
+        where = "%{text}"
     if scores is not None:
         fig.add_trace(go.Heatmap(
             name="scores",
@@ -87,7 +93,7 @@ def attention_heatmap(trace, layer: int | None = None, height: int = 400) -> go.
             colorscale="Viridis",
             colorbar=dict(**COLORBAR, title=dict(text="log10 score", side="right", font=dict(size=FONT_SIZE)),
                           orientation="h", x=1, xanchor="right", len=0.42, tickangle=0, dtick=1),
-            hovertemplate="%{text}<br>score %{customdata:.4g}<extra></extra>",
+            hovertemplate=where + "<br>score %{customdata:.4g}<extra></extra>",
         ), **main)
     else:
         kept = np.zeros((L, T), dtype=np.float32)
@@ -96,7 +102,7 @@ def attention_heatmap(trace, layer: int | None = None, height: int = 400) -> go.
         fig.add_trace(go.Heatmap(
             name="kept by layer", z=kept, x=list(range(T)), y=list(range(L)), text=hover_layers,
             colorscale=[[0, EVICTED_COLOUR], [1, SPAN_COLOURS["image"]]], zmin=0, zmax=1, showscale=False,
-            hovertemplate="%{text}<br>kept: %{z}<extra></extra>",
+            hovertemplate=where + "<br>kept: %{z}<extra></extra>",
         ), **main)
 
     protected = set(np.asarray(trace.protected).tolist())

@@ -150,8 +150,11 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
 
     if lt.scores is not None:
         z = mosaic(log_scores(lt.scores[positions]).tolist())
+        # Right of the picture, inside the right margin's first part: the toolbar's column
+        # (MODEBAR_ROOM) stays clear of it.
         colorscale, colorbar = "Viridis", dict(**COLORBAR, title=dict(text="log10<br>score", side="top",
-                                                                       font=dict(size=FONT_SIZE)))
+                                                                       font=dict(size=FONT_SIZE)),
+                                               x=1, xanchor="left", xpad=8, len=0.9)
     else:
         # No scores: colour by whether the patch still lives in the cache.
         alive = (state.group[positions] >= 0) & ~state.dropped[positions]
@@ -202,7 +205,7 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
            f"removed while decoding {int(state.dropped[positions].sum())}")
     fig.update_layout(
         title=figure_title(f"Image tokens, layer {layer_label(trace, layer)}, step {step}", sub),
-        height=height, margin=dict(l=20, r=MODEBAR_ROOM + 30, t=title_height(sub), b=70),
+        height=height, margin=dict(l=20, r=MODEBAR_ROOM + 76, t=title_height(sub), b=70),
         xaxis=dict(range=[-0.5, cols - 0.5], showgrid=False, zeroline=False, showticklabels=False, constrain="domain"),
         yaxis=dict(range=[rows - 0.5, -0.5], showgrid=False, zeroline=False, showticklabels=False,
                    scaleanchor="x", scaleratio=1, constrain="domain"),
