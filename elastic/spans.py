@@ -204,6 +204,10 @@ def image_tiles(inputs: dict, model) -> list[ImageTile]:
         tiles = [t._replace(kind="thumbnail") if t.kind == "global" else t for t in tiles]
     elif config.model_type == "llama4":  # tiles one separator apart, the global view after <|image|>
         tiles = _name_global_tiles(tiles, gap=2)
+    elif config.model_type in MARKER_FIRST:  # every image ends with its global view, behind <global-img>
+        ids = inputs["input_ids"][0]
+        marker = ids[tiles[-1].positions[0] - 1]
+        tiles = [t._replace(kind="global") if ids[t.positions[0] - 1] == marker else t for t in tiles]
     elif config.model_type == "lfm2_vl":
         tiles = [t._replace(kind="thumbnail") if t.kind == "global" else t for t in _name_global_tiles(tiles, gap=1)]
     return tiles

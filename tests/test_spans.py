@@ -76,6 +76,7 @@ def test_unsplit_smolvlm_image_starts_at_its_global_marker():
     assert elastic.prompt_spans(inputs, fam.model) == {"system": (0, 3), "image": (3, 8), "instruction": (8, 10)}
     annotations = elastic.prompt_annotations(fam.model, inputs)
     assert annotations["image_grid"] == (2, 2) and annotations["image_tiles"][0].positions == (4, 5, 6, 7)
+    assert annotations["image_tiles"][0].kind == "global"
 
 
 def test_lfm2_tiles_without_markers_split_by_spatial_shapes():
@@ -197,6 +198,7 @@ def test_spans_of_smolvlm_processor_output(tmp_path):
     tiles = elastic.image_tiles(inputs, config)
     assert [t.positions for t in tiles] == [tuple(images[k:k + 4]) for k in (0, 4, 8)]
     assert ids[tiles[-1].positions[0] - 1] == vocab["<global-img>"]
+    assert [t.kind for t in tiles] == ["tile", "tile", "global"]
 
 
 def test_spans_of_qwen2_5_vl_processor_output(tmp_path):
