@@ -6,6 +6,8 @@ grid of each other method's options, on one tiny Llama with a 16-token prompt.""
 from __future__ import annotations
 
 import itertools
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -13,7 +15,8 @@ import torch
 
 import elastic
 import naive
-from elastic.policies import elastic_cache
+from elastic.budget import share_count
+from elastic.policies import Decode, elastic_cache
 from naive import exact_keep, exact_layer_keep, exact_total, protected_of, run, run_layered
 from tiny import tiny_llama
 
@@ -184,3 +187,26 @@ def test_every_layered_option_combination(llama, ids, case):
     for g, head in enumerate(heads):
         expected = sorted((r[0], r[2], r[4]) for r in ref["evictions"] if r[3] == g or trace.heads is None)
         assert [tuple(r) for r in head.evictions.tolist()] == expected
+
+
+# ---------------------------------------------------------------- the pieces the policies share
+
+def test_decode_view_finds_the_entry_of_each_rank_in_either_slot_order():
+    """``slot_of_rank(r)``: the slot holding each row's r-th smallest position, whether the
+    slots are permuted (preallocated layout) or in position order (dynamic layout)."""
+    g = torch.Generator().manual_seed(0)
+    permuted = torch.stack([torch.randperm(9, generator=g) * 3 for _ in range(4)])  # 4 rows, 9 slots
+    ordered = permuted.sort(dim=1).values
+    view = dict(layer_idx=0, accumulated=None, seen=30, prompt_length=20, prompt_entries=8, max_entries=8)
+    for rank in range(9):
+        slots = Decode(positions=permuted, ordered=False, **view).slot_of_rank(rank)
+        assert [int(permuted[r, s]) for r, s in enumerate(slots)] == [sorted(row.tolist())[rank] for row in permuted]
+        assert Decode(positions=ordered, ordered=True, **view).slot_of_rank(rank).tolist() == [rank] * 4
+
+
+def test_recent_share_is_the_exact_floor():
+    """A recent window of ``ratio`` of ``n`` entries: floor(ratio x n) in exact fractions (the
+    float product of 0.7 x 90 is 62.99...), never all of them."""
+    for ratio in (0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 0.99, 1.0):
+        for n in range(1, 400):
+            assert share_count(n, ratio) == min(n - 1, math.floor(Fraction(str(ratio)) * n)), (ratio, n)
