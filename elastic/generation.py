@@ -37,11 +37,20 @@ class Generation:
     warnings: list[str] = field(default_factory=list)
 
 
-def load_image(image) -> Image.Image:
-    """An RGB PIL image from a path or PIL image; a clear ``ValueError`` if it is not one."""
+def load_image(image, side: int | None = None) -> Image.Image:
+    """An RGB PIL image from a path or PIL image; a clear ``ValueError`` if it is not one.
+
+    Larger than ``MAX_IMAGE_SIDE`` it is scaled down (processors resize anyway). With ``side``
+    (what the model's processor uses, :func:`image_side`) it is scaled down further, never
+    below ``side`` pixels on its shorter side: the processor then sees the same pixels, and a
+    huge upload never lives in memory at full size longer than its decoding (a JPEG is even
+    decoded at the reduced scale).
+    """
     if isinstance(image, (str, Path)):
         try:
             with Image.open(image) as opened:
+                if side:
+                    opened.draft("RGB", (side, side))  # JPEG: decode at 1/2, 1/4, 1/8 scale; others ignore it
                 opened.load()
                 image = opened.copy()
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
@@ -51,10 +60,36 @@ def load_image(image) -> Image.Image:
         raise ValueError(f"expected an image file or PIL image, got {type(image).__name__}")
     if min(image.size) < 1:
         raise ValueError("the image is empty")
-    if max(image.size) > MAX_IMAGE_SIDE:
-        image = image.copy()
-        image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    scale = MAX_IMAGE_SIDE / max(image.size)
+    if side:
+        scale = min(scale, side / min(image.size))
+    if scale < 1:
+        size = tuple(max(1, round(n * scale)) for n in image.size)
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return image.convert("RGB")
+
+
+def image_side(processor) -> int | None:
+    """The most pixels the model's image processor uses on a side (its resize, crop, tile or
+    pixel-budget sizes, whichever is largest); None for a text-only processor."""
+    images = getattr(processor, "image_processor", None)
+    if images is None:
+        return None
+    sides = []
+    for attr in ("size", "crop_size", "max_image_size"):
+        sizes = getattr(images, attr, None)
+        sizes = dict(sizes) if isinstance(sizes, dict) else getattr(sizes, "__dict__", {}) if sizes is not None else {}
+        for key, value in sizes.items():
+            if isinstance(value, int) and key in ("height", "width", "shortest_edge", "longest_edge",
+                                                    "max_height", "max_width"):
+                sides.append(value)
+            elif isinstance(value, int) and key == "max_pixels":
+                sides.append(math.isqrt(value))
+    if isinstance(getattr(images, "max_pixels", None), int):
+        sides.append(math.isqrt(images.max_pixels))
+    for pinpoint in getattr(images, "image_grid_pinpoints", None) or []:
+        sides.extend(int(n) for n in pinpoint)
+    return max(sides) if sides else None
 
 
 def user_message(text: str, with_image: bool) -> dict:

@@ -62,7 +62,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     try:
         for path in files + history_files:
             served_image(path)
-        image = elastic.load_image(new_image) if new_image else None
+        image = elastic.load_image(new_image, side=MODEL.image_side()) if new_image else None
     except ValueError as error:
         yield refuse(without_folder(error, new_image or ""))
         return
@@ -77,7 +77,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
         return
     if image is None and image_path is not None:
         try:
-            image = elastic.load_image(image_path)
+            image = elastic.load_image(image_path, side=MODEL.image_side())
         except ValueError as error:
             yield refuse(f"The conversation's image can no longer be read ({without_folder(error, image_path)}); "
                          "upload it again.")
@@ -119,8 +119,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     try:
         gen = run.result()
     except Exception as error:  # reported in the UI; the server keeps serving
-        text = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-        yield history, gr.update(value=message), problem(f"No answer: {text}")
+        yield history, gr.update(value=message), problem(f"No answer: {limits.failure(error)}")
         return
 
     runner.DURATIONS.append(gen.stats["total_s"])

@@ -76,7 +76,7 @@ def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, us
         raise refused("Type a question to compare on.")
     turns = 0
     try:
-        picture = elastic.load_image(served_image(image))
+        picture = elastic.load_image(served_image(image), side=MODEL.image_side())
         prompt = question
         if use_context and context:
             for turn in context:
@@ -127,8 +127,8 @@ def compare(image, question, budget, max_new_tokens, methods=COMPARE_METHODS, us
         timed_out = timed_out or run.timed_out
         try:
             gens.append(run.result())
-        except ValueError as error:
-            raise refused(f"{viz.method_name(method)}: {error}") from None
+        except Exception as error:  # a ValueError's own words, else a plain sentence (and a log line)
+            raise refused(f"{viz.method_name(method)}: {limits.failure(error)}") from None
         heading.prompt_tokens = gens[0].stats["prompt_tokens"]
     if stop.is_set():
         why = f"the time limit of {limits.MAX_SECONDS:g} s" if timed_out else "Stop"

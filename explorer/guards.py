@@ -62,15 +62,27 @@ def readable_image_input(component: gr.Image) -> gr.Image:
     return component
 
 
+def number_refusal(component: gr.Slider, value) -> str | None:
+    """Why ``value`` cannot go into the slider ``component``, naming it (None: it can)."""
+    span = f"{component.label} must be a number from {component.minimum:g} to {component.maximum:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{span}, got {str(value)[:40]!r}."
+    if value < component.minimum:
+        return f"{span}: {value} is less than minimum value {component.minimum}."
+    if value > component.maximum:
+        return f"{span}: {value} is greater than maximum value {component.maximum}."
+    return None
+
+
 def checked_number(component: gr.Slider) -> gr.Slider:
     """Make a slider refuse what API clients may send instead of a number ("abc", None, NaN)
     with a message that names it; gradio's own bounds check follows."""
     preprocess = component.preprocess
 
     def checked(payload):
-        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
-            raise refused(f"{component.label} must be a number from {component.minimum:g} to "
-                          f"{component.maximum:g}, got {str(payload)[:40]!r}.")
+        reason = number_refusal(component, payload)
+        if reason:
+            raise refused(reason)
         try:
             return preprocess(payload)
         except Exception as error:
@@ -128,6 +140,109 @@ class RequestTooLarge:
             return message
 
         return await self.app(scope, counted, send)
+
+
+def _field(component) -> tuple[str, str]:
+    """(what an input is called, what it must be) for a refusal that names the field."""
+    label = getattr(component, "label", None) or type(component).__name__
+    if isinstance(component, gr.Chatbot):
+        return "the chat history", ("a list of messages, each a dict with a 'role' ('user' or 'assistant') "
+                                    "and a 'content' (text, or a file uploaded through the app)")
+    if isinstance(component, gr.MultimodalTextbox):
+        return "the message", "{'text': your question, 'files': [images uploaded through the app]}"
+    if isinstance(component, gr.Image):
+        return "the image", "an image uploaded through the app"
+    if isinstance(component, gr.Slider):
+        return label, f"a number from {component.minimum:g} to {component.maximum:g}"
+    if isinstance(component, gr.CheckboxGroup):
+        return label, "a list of: " + ", ".join(str(c[1] if isinstance(c, tuple) else c) for c in component.choices)
+    if isinstance(component, (gr.Dropdown, gr.Radio)):
+        return label, "one of: " + ", ".join(str(c[1] if isinstance(c, tuple) else c) for c in component.choices)
+    if isinstance(component, gr.Checkbox):
+        return label, "true or false"
+    return label, "a value of the kind the page sends"
+
+
+def _paths(value):
+    """Every file path an input value names (FileData dicts, {"files": [...]}, message content)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("path"), str):
+            yield value["path"]
+        for key in ("files", "content", "file", "value"):
+            if key in value and not isinstance(value[key], str):
+                yield from _paths(value[key])
+            elif key in ("files", "file") and isinstance(value.get(key), str):
+                yield value[key]
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from (_paths(item) if not isinstance(item, str) else ())
+
+
+def _bad_path(block_fn, inputs) -> str | None:
+    """The refusal for an input naming a file this server did not hand out (None: none does)."""
+    for component, value in zip(block_fn.inputs, inputs):
+        name = _field(component)[0].capitalize()
+        files = value.get("files") if isinstance(value, dict) else None
+        if isinstance(files, list) and any(isinstance(f, str) for f in files):
+            return f"{name}: images must be uploaded through the app (file paths are not accepted)."
+        try:
+            for path in _paths(value):
+                served_image(path)
+        except ValueError as error:
+            return f"{name}: {error}."
+    return None
+
+
+def _bad_number(components, inputs) -> str | None:
+    """The refusal for a slider sent something other than a number in its range (the
+    session's own slider: a layer slider's maximum is set per answer)."""
+    reasons = (number_refusal(c, v) for c, v in zip(components, inputs) if isinstance(c, gr.Slider))
+    return next((reason for reason in reasons if reason), None)
+
+
+def _bad_value(block_fn, inputs) -> str | None:
+    """The refusal for the first input gradio cannot take, naming it and its form."""
+    for component, value in zip(block_fn.inputs, inputs):
+        name, form = _field(component)
+        model = getattr(component, "data_model", None)
+        try:
+            if model is not None and value is not None:
+                model.model_validate(value)
+        except Exception:
+            return f"{name.capitalize()} was not understood: send {form} (got {str(value)[:60]!r})."
+    return None
+
+
+def explain_bad_inputs(blocks: gr.Blocks) -> None:
+    """Answer inputs that gradio itself cannot take (a malformed chat history, a server path, a
+    slider sent text) with a reason that names the field, not gradio's bare ``{"error": null}``
+    and a traceback in the log: a refusal is one log line (``limits.refused``).
+
+    Wraps the instance's ``preprocess_data``: gradio validates and moves files before any
+    component's ``preprocess`` runs, so per-component wrappers never see these."""
+    preprocess_data = blocks.preprocess_data
+
+    async def checked(block_fn, inputs, state, explicit_call=False):
+        current = [state[c._id] if state is not None and c._id in state else c for c in block_fn.inputs]
+        # A server path (before gradio would try to move it into its cache), a slider sent text.
+        reason = _bad_path(block_fn, inputs) or _bad_number(current, inputs)
+        if reason:
+            raise refused(reason)
+        try:
+            return await preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error as error:
+            if error.print_exception:  # gradio's own message: one log line, not a traceback
+                raise refused(error.message) from None
+            raise
+        except Exception:
+            sent_paths = any(True for value in inputs for _ in _paths(value))
+            raise refused(_bad_value(block_fn, inputs)
+                          or ("Images must be uploaded through the app (file paths are not accepted)."
+                              if sent_paths else  # e.g. a shipped example's path: gradio moves only uploads
+                              "The request's inputs were not understood: send what the page's own components send.")
+                          ) from None
+
+    blocks.preprocess_data = checked
 
 
 def bound_only_model_events(blocks: gr.Blocks) -> None:

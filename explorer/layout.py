@@ -12,7 +12,7 @@ from .compare import compare, compare_from_chat, compare_started
 from .compare_tab import build_compare_tab
 from .defaults import BENCHMARKS, DEFAULT_BUDGET, DEFAULT_METHOD, EXAMPLES_DIR, load_examples
 from .explore_tab import build_explore_tab
-from .guards import RequestTooLarge, bound_only_model_events
+from .guards import RequestTooLarge, bound_only_model_events, explain_bad_inputs
 from .panel import live_panel, on_slider, pending_panel, show_panel
 from .sessions import forget_session, stop_generation
 
@@ -103,6 +103,7 @@ def serve(blocks: gr.Blocks, **launch):
 
     blocks.queue(default_concurrency_limit=1, max_size=limits.QUEUE_SIZE)
     bound_only_model_events(blocks)
+    explain_bad_inputs(blocks)
     options = dict(css=CSS, theme=gr.themes.Soft(), max_file_size="20mb", allowed_paths=[str(EXAMPLES_DIR), str(BENCHMARKS)],
                    state_session_capacity=limits.MAX_SESSIONS, app_kwargs={"middleware": [Middleware(RequestTooLarge)]})
     return blocks.launch(**{**options, **launch})

@@ -6,6 +6,7 @@ change it on this module.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -49,3 +50,28 @@ def problem(text: str) -> str:
     LOG.info("refused: %s", text)
     gr.Warning(text)
     return f"⚠️ {text}"
+
+
+def failure(error: Exception) -> str:
+    """What a user reads when answering failed: a ``ValueError``'s own message (the library's
+    errors say how to fix the input), else a plain sentence -- never an exception's class name
+    or internals. The detail is one line in the server log."""
+    if isinstance(error, ValueError):
+        return str(error)
+    detail = " ".join(str(error).split())[:300]
+    LOG.error("failed: %s: %s", type(error).__name__, detail)
+    return ("the model failed on this request (an internal error; the server logged it). "
+            "Try other settings, another method or a new chat; if it keeps failing, please report it.")
+
+
+try:  # glibc keeps freed memory in its arenas after a large image or a long prompt: hand it back
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+    _malloc_trim = None
+
+
+def release_memory() -> None:
+    """Return the memory freed by a finished request to the system (``malloc_trim``): without
+    it, resident memory rose in steps with every large upload and never came back."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)

@@ -67,6 +67,7 @@ class Background:
             self.stop.set()
         self._thread.join()
         self._limit.cancel()
+        limits.release_memory()
 
     def result(self):
         """``fn``'s return value, or its exception raised here."""

@@ -48,6 +48,11 @@ class ModelSlot:
             loaded = self.model is not None
         return (self.model, self.processor) if loaded else self.load()
 
+    def image_side(self) -> int | None:
+        """Pixels the model's processor uses on a side, to shrink uploads to at the door
+        (None before the model is loaded: then only the library's own cap applies)."""
+        return elastic.generation.image_side(self.processor) if self.processor is not None else None
+
 
 MODEL = ModelSlot(os.environ.get("ELASTIC_MODEL"), os.environ.get("ELASTIC_QUANTIZE") or None)
 
