@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, DynamicLayer
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
+from transformers.cache_utils import LinearAttentionCacheLayerMixin, get_layer_types_and_kwargs
 
 from . import scoring
 from .budget import keep_count
@@ -453,6 +453,7 @@ class PolicyCache(Cache):
         self.layout, self.reserve, self.positions = layout, int(reserve), positions
         self.annotations: dict = {}
         self.layer_types: list[str] | None = None  # the decoder's, once bound
+        self._bound_config = None
         self.padded: bool | None = None  # the prompt's 2-D mask had padding (None: not seen)
         self.step = CrossLayerStep(policy)
         if config is not None:
@@ -463,29 +464,32 @@ class PolicyCache(Cache):
         """Build one layer per entry of the text decoder's layer types (``config``: the
         model's config or its text config). Idempotent; raises ``ValueError`` for a type
         elastic does not handle or a cache already filled for another model."""
+        if config is self._bound_config:  # the hook calls this before every forward: stay cheap
+            return self
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         types = scoring.check_layer_types(config)
         if self.layer_types is not None:
             if types != self.layer_types:
                 raise ValueError("this cache was built for another model's layers: make a new cache with "
                                  "elastic.make_cache() for each model")
+            self._bound_config = config
             return self
         if self.layers:
             if any(kind != "full_attention" for kind in types):
                 raise ValueError(_UNBOUND)
             self.layer_types, self.layer_class_to_replicate = types, None
             self.step.last_layer = len(types) - 1
+            self._bound_config = config
             return self
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
+        full = [i for i, kind in enumerate(types) if kind == "full_attention"]
+        if not full and self.policy.name != "full":
+            raise ValueError(_NOTHING_TO_COMPRESS.format(types=", ".join(sorted(set(types))), method=self.policy.name))
         _, kwargs = get_layer_types_and_kwargs(config)
         self.layers = [self._new_layer(i) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
                        for i, (kind, kw) in enumerate(zip(types, kwargs))]
         self.layer_types, self.layer_class_to_replicate = types, None
-        full = [i for i, kind in enumerate(types) if kind == "full_attention"]
-        if not full and self.policy.name != "full":
-            raise ValueError(_NOTHING_TO_COMPRESS.format(types=", ".join(sorted(set(types))), method=self.policy.name))
         self.step.last_layer = full[-1] if full else None
+        self._bound_config = config
         return self
 
     def prepare(self, config, attention_mask=None) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -171,11 +172,27 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, scaling: float | 
     mask, softcap = _context(mask, softcap)
     B, H, q, D = query.shape
     S, H_kv = key.shape[-2], key.shape[1]
+    if q == 1 and weights is None and _visible(mask, q, S) is None:
+        return _one_query_received(query, key, scaling, softcap, per_head)
     received = torch.zeros(B, H_kv, S, dtype=torch.float32, device=query.device)
     for start, stop, end, probs, _ in _causal_softmax(query, key, scaling, chunk, mask, softcap):
         if weights is not None:
             probs = probs * weights[start:stop].to(probs)[:, None]
         received[:, :, :end] += probs.sum(dim=(2, 3))
+    return received / (H // H_kv) if per_head else received.sum(dim=1) / H
+
+
+def _one_query_received(query, key, scaling, softcap, per_head: bool) -> torch.Tensor:
+    """:func:`attention_received` of a single query that sees every key (a decode step, which
+    H2O, TOVA and SnapKV score in every layer): the chunked loop's float32 arithmetic in
+    the same order, without its index tensors and masks (a handful of ops instead of ~30)."""
+    B, H, _, D = query.shape
+    H_kv = key.shape[1]
+    scaling = D ** -0.5 if scaling is None else scaling
+    logits = torch.matmul(query.float().view(B, H_kv, H // H_kv, D), key.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    received = logits.softmax(dim=-1).sum(dim=2)  # [B, H_kv, S]
     return received / (H // H_kv) if per_head else received.sum(dim=1) / H
 
 
@@ -257,8 +274,6 @@ def is_attached(model) -> bool:
 def layer_types(config) -> list[str]:
     """The text decoder's layer types as transformers' caches read them (a model-wide
     ``sliding_window`` without ``layer_types`` makes every layer ``sliding_attention``)."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
     return list(get_layer_types_and_kwargs(config)[0])
 
 

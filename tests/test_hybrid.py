@@ -1,7 +1,8 @@
 """Decoders that mix layer types (issue 33): the cache builds one layer per entry of the
 text decoder's layer types, compresses the full-attention layers and leaves the others to
 transformers. Tiny random models, offline: Gemma 3 (sliding + full, a window shorter than
-the prompt, image tokens), Qwen3.5 (linear attention + full), LFM2-VL (conv + full),
+the prompt, image tokens), Qwen3.5 (linear attention + full: the text model, and the VLM
+with an image), LFM2-VL (conv + full),
 Llama 4's text decoder (chunked + full), Gemma 2 (logit soft-capping), Mistral 3 with a
 model-wide sliding window (nothing to compress)."""
 
@@ -49,6 +50,19 @@ def _build(name):
         return Qwen3_5ForCausalLM(Qwen3_5TextConfig(
             **TEXT, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
             layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]))
+    if name == "qwen3_5_vl":
+        from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+        text = dict(TEXT, vocab_size=160, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+                    linear_value_head_dim=8,
+                    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 0],
+                                         partial_rotary_factor=0.5, mrope_interleaved=True))
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+        return Qwen3_5ForConditionalGeneration(Qwen3_5Config(
+            text_config=text, vision_config=vision, image_token_id=150, video_token_id=151,
+            vision_start_token_id=152, vision_end_token_id=153))
     if name == "lfm2_vl":
         from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration
 
@@ -82,19 +96,24 @@ def model(name, attn="sdpa"):
     return elastic.attach(m)
 
 
-FULL_LAYERS = {"gemma3": [1, 3], "qwen3_5": [1, 3], "lfm2_vl": [1, 3], "llama4": [1, 3]}
-OTHER = {"gemma3": DynamicSlidingWindowLayer, "qwen3_5": LinearAttentionLayer, "lfm2_vl": LinearAttentionLayer,
-         "llama4": DynamicSlidingWindowLayer}
+FULL_LAYERS = {"gemma3": [1, 3], "qwen3_5": [1, 3], "qwen3_5_vl": [1, 3], "lfm2_vl": [1, 3], "llama4": [1, 3]}
+OTHER = {"gemma3": DynamicSlidingWindowLayer, "qwen3_5": LinearAttentionLayer, "qwen3_5_vl": LinearAttentionLayer,
+         "lfm2_vl": LinearAttentionLayer, "llama4": DynamicSlidingWindowLayer}
 
 
 def inputs(name, batch=1):
-    """``T`` prompt tokens; Gemma 3's carry a 16x16 image as 4 image tokens (bidirectional)."""
+    """``T`` prompt tokens; Gemma 3's carry a 16x16 image as 4 image tokens (bidirectional),
+    Qwen3.5's VLM a 16x16 image as 4 merged patches."""
     torch.manual_seed(1)
     ids = torch.randint(5, 99, (batch, T))
     extra = {}
     if name == "gemma3":
         ids[:, 6:12] = torch.tensor([101, 100, 100, 100, 100, 102])
         extra = dict(pixel_values=torch.randn(batch, 3, 16, 16), token_type_ids=(ids == 100).long())
+    if name == "qwen3_5_vl":
+        ids[:, 5:11] = torch.tensor([152, 150, 150, 150, 150, 153])
+        extra = dict(pixel_values=torch.randn(batch * 16, 3 * 2 * 4 * 4), image_grid_thw=torch.tensor([[1, 4, 4]] * batch),
+                     mm_token_type_ids=(ids == 150).int())
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
 
 
