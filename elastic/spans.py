@@ -78,12 +78,12 @@ def _config(model):
     return getattr(model, "config", model)
 
 
-def _first_row(value):
+def _first(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def _side(size, patch) -> int:
-    return int(_first_row(size)) // int(_first_row(patch))
+    return int(_first(size)) // int(_first(patch))
 
 
 def _runs(positions: list[int]) -> list[list[int]]:
@@ -202,9 +202,9 @@ def image_tiles(inputs: dict, model) -> list[ImageTile]:
     if config.model_type == "internvl":  # one image = one run of tiles, the last one the thumbnail
         tiles = _name_global_tiles(tiles, gap=0)
         tiles = [t._replace(kind="thumbnail") if t.kind == "global" else t for t in tiles]
-    elif config.model_type == "llama4":  # tiles one separator apart, the global view after <|image|>
-        tiles = _name_global_tiles(tiles, gap=2)
-    elif config.model_type in MARKER_FIRST:  # every image ends with its global view, behind <global-img>
+    elif config.model_type in MARKER_FIRST + ("llama4",):
+        # Every image ends with its global view behind one marker (<global-img>, Llama 4's <|image|>):
+        # the token before the prompt's last tile is that marker, and it opens every global view.
         ids = inputs["input_ids"][0]
         marker = ids[tiles[-1].positions[0] - 1]
         tiles = [t._replace(kind="global") if ids[t.positions[0] - 1] == marker else t for t in tiles]

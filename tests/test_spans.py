@@ -217,3 +217,14 @@ def test_spans_of_qwen2_5_vl_processor_output(tmp_path):
     annotations = elastic.prompt_annotations(config, inputs)
     assert annotations["spans"]["image"] == (images[0], images[-1] + 1)
     assert annotations["image_grid"] == (h // 2, w // 2) and len(images) == h * w // 4
+
+
+def test_two_adjacent_llama4_images_each_end_with_their_global_view():
+    fam = families.llama4()
+    boi, eoi, patch, x_sep, y_sep, whole = 100, 101, 102, 103, 104, 105
+    ids = ([5, boi] + [patch] * 4 + [x_sep] + [patch] * 4 + [y_sep, whole] + [patch] * 4 + [eoi]
+           + [boi, whole] + [patch] * 4 + [eoi, 6])  # a split image, then an unsplit one right after it
+    tiles = elastic.image_tiles({"input_ids": torch.tensor([ids])}, fam.model.config)
+    assert [t.kind for t in tiles] == ["tile", "tile", "global", "global"]
+    assert [t.positions[0] for t in tiles] == [2, 7, 13, 20]
+    assert elastic.prompt_spans({"input_ids": torch.tensor([ids])}, fam.model.config)["image"] == (2, 24)
