@@ -8,8 +8,7 @@ library's span detection: every builder records, as it writes the ids, which pos
 are image tokens or image markers and which positions form each tile's grid. Those
 records are the reference the span tests compare :func:`elastic.prompt_spans` against.
 
-Special ids live in 100..127, text in 5..99 (eos = 3, so text never ends a generation by
-accident only by the model's choice).
+Special ids live in 100..127, prompt text in 5..99 (eos is 3: a prompt never contains it).
 """
 
 from __future__ import annotations
