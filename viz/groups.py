@@ -110,7 +110,7 @@ def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 3
     prot = [p for p, s in enumerate(state.status) if s == PROTECTED]
     fig.add_trace(go.Scatter(
         name="protected", x=prot, y=[1.13] * len(prot), mode="markers",
-        marker=dict(symbol="star", size=13, color=PROTECTED_COLOUR, line=dict(color=INK, width=1)),
+        marker=dict(symbol="star", size=13, color=PROTECTED_COLOUR, line=dict(color=INK, width=1)), cliponaxis=False,
         hovertemplate="protected (never merged): position %{x}<extra></extra>",
     ))
 

@@ -119,7 +119,7 @@ def attention_heatmap(trace, layer: int | None = None, height: int = 400) -> go.
         prot = sorted(protected)
         fig.add_trace(go.Scatter(
             name="protected", x=prot, y=[0.5] * len(prot), mode="markers",
-            marker=dict(symbol="star", size=13, color=PROTECTED_COLOUR, line=dict(color=INK, width=1)),
+            marker=dict(symbol="star", size=13, color=PROTECTED_COLOUR, line=dict(color=INK, width=1)), cliponaxis=False,
             hovertemplate="protected (never merged): position %{x}<extra></extra>",
         ), row=1, col=1)
         fig.update_yaxes(range=[0, 1], visible=True, showgrid=False, zeroline=False, tickmode="array",

@@ -44,7 +44,15 @@ DARK_PAGE, DARK_BLOCK = "#0b0f19", "#1f2937"
 # The modebar (plotly's toolbar, shown on hover) stands as a column in the right margin, so
 # it never covers a title; the right margin of every figure keeps room for it.
 MODEBAR_ROOM = 44
-TEMPLATE = go.layout.Template(pio.templates["plotly_white"])
+# Only what these figures use (plotly_white's 2-D parts): a lean template is validated and
+# sent with every figure, and a slider move redraws several.
+_WHITE = pio.templates["plotly_white"].layout
+TEMPLATE = go.layout.Template(layout=dict(
+    colorway=_WHITE.colorway, hovermode="closest", autotypenumbers="strict",
+    xaxis=dict(ticks="", automargin=True, zerolinewidth=2, title=dict(standoff=15)),
+    yaxis=dict(ticks="", automargin=True, zerolinewidth=2, title=dict(standoff=15)),
+    annotationdefaults=dict(arrowcolor=INK, arrowhead=0, arrowwidth=1), shapedefaults=dict(line=dict(color=INK)),
+))
 TEMPLATE.layout.update(
     paper_bgcolor=PAPER, plot_bgcolor=PAPER, font=dict(size=FONT_SIZE, color=INK),
     title=dict(font=dict(size=TITLE_SIZE, color=INK)),
