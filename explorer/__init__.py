@@ -8,7 +8,8 @@ from :mod:`elastic`, figures and their HTML from :mod:`viz`):
 ``guards``                input checks, the request-size middleware, the queue's size rule
 ``sessions``              the server's one model, and each browser tab's plain-data session
 ``runner``                the one background runner: a generation in a thread, with the time
-                          limit and Stop, for chat and Compare alike; the live streamer
+                          limit and Stop, for chat and Compare alike
+``live``                  the text and the trace of an answer while it is being written
 ``history``               chat history <-> the model's messages
 ``defaults``              first settings, method lists, the example scenes
 ``panel``                 the Explore tab's right panel: figures for a trace, live and final
@@ -19,6 +20,6 @@ from :mod:`elastic`, figures and their HTML from :mod:`viz`):
 ``layout``                the page (``build``), its events, ``serve``; ``style.css``
 ========================  ===================================================================
 
-Imports run one way: ``layout`` -> tabs -> handlers -> ``runner`` / ``sessions`` / ``guards``
--> ``limits``; no module imports ``app``.
+Imports run one way: ``layout`` -> tabs -> handlers -> ``live`` / ``runner`` / ``sessions`` /
+``guards`` -> ``limits``; no module imports ``app``.
 """

@@ -79,7 +79,7 @@ def build_explore_tab(examples: list[dict]) -> ExploreTab:
                 if examples:  # a click puts the scene, its question and its budget in place
                     c["examples"] = gr.Gallery(
                         [(e["image"], example_caption(i + 1, e)) for i, e in enumerate(examples)],
-                        show_label=False, columns=len(examples), rows=1, height=128, allow_preview=False,
+                        show_label=False, columns=len(examples), rows=1, height=120, allow_preview=False,
                         interactive=False, object_fit="contain", buttons=[], elem_id="chat-examples")
                 with gr.Row(elem_id="method-budget"):
                     c["method"] = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, label="Method", elem_id="method",
@@ -90,7 +90,7 @@ def build_explore_tab(examples: list[dict]) -> ExploreTab:
                 with gr.Row(equal_height=False, elem_id="ask"):
                     c["msg"] = gr.MultimodalTextbox(
                         file_types=["image"], file_count="single", sources=["upload"], elem_id="msg",
-                        submit_btn=False, placeholder="Ask about an image (pick a scene above, or attach one)…",
+                        submit_btn=False, placeholder="Ask about the scene (or attach an image)…",
                         show_label=False, scale=5)
                     with gr.Column(scale=1, min_width=90, elem_id="send-stop"):
                         c["send"] = gr.Button("Send", variant="primary", size="sm", elem_id="send")

@@ -59,7 +59,7 @@ def head_slider(trace):
 def on_slider(layer, step, head, request: gr.Request):
     session = session_of(request)
     heat, *rest = render_panel(session, layer, step, head)
-    return (heat if session.trace is not None and session.trace.per_head else gr.update(), *rest)
+    return (heat if session.trace is not None else gr.update(), *rest)  # the heatmap frames the chosen layer
 
 
 def show_panel(layer, request: gr.Request = None):
@@ -90,7 +90,8 @@ def live_panel(layer, head, request: gr.Request = None):
         return unchanged
     first = session.drawn == 0
     session.drawn = live.version
-    session.trace, session.image = live.trace, live.image  # so the sliders replay what ran so far
+    if session.live is live:  # not once the chat has left the final trace
+        session.trace, session.image = live.trace, live.image  # so the sliders replay what ran so far
     trace, layer, step = _viewed(live.trace, layer, None, head)
     steps = gr.update(maximum=max(step, 1), value=step)
     if first:
