@@ -19,11 +19,6 @@ SPAN_COLOURS = {
     "text": "#c9c9c9",
     "generated": "#4d4d4d",  # dark grey: no merge-group colour looks like it
 }
-# Neighbouring merge groups get different colours; 12 is plenty to tell neighbours apart.
-GROUP_COLOURS = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-    "#e377c2", "#17becf", "#bcbd22", "#393b79", "#ad494a", "#637939",
-]
 EVICTED_COLOUR = "#d9d9d9"
 DROPPED_COLOUR = "#c0392b"  # entries removed while decoding
 ANCHOR_COLOUR = "#111111"
@@ -31,16 +26,14 @@ PROTECTED_COLOUR = "#f4c20d"
 
 # Every figure reads from the back of a room, on gradio's light and dark themes alike.
 # A transparent figure cannot: no single text colour reaches WCAG AA (4.5:1) on both a white
-# page and gradio's dark page (#0b0f19, at best 4.4:1), so every figure has its own white
-# background and near-black text (a white card on the dark theme).
+# page and gradio 6.31's dark page (#0b0f19; a block there is #1f2937): at best 4.4:1. So every
+# figure has its own white background and near-black text (a white card on the dark theme).
 PAPER = "#ffffff"
 INK = "#1f2937"  # 14.7:1 on white (gradio's own body text colour)
 MUTED = "#4b5563"  # subtitles and notes: 7.6:1 on white
 GRID = "rgba(31,41,55,0.14)"
 FONT_SIZE = 14  # the smallest text in any figure, in px
 TITLE_SIZE = 18
-# gradio's dark theme (gr.themes.Soft / Default, gradio 6.31): the page and a block behind a plot.
-DARK_PAGE, DARK_BLOCK = "#0b0f19", "#1f2937"
 # The modebar (plotly's toolbar, shown on hover) stands as a column in the right margin, so
 # it never covers a title; the right margin of every figure keeps room for it.
 MODEBAR_ROOM = 44
