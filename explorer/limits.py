@@ -26,7 +26,7 @@ CONCURRENCY = int(os.environ.get("ELASTIC_CONCURRENCY", 1))
 # queue, which the model's decoding pays for (docs/benchmarks.md: 10 Hz 5.5 tok/s, 3 Hz 7.4, 1 Hz 10.1).
 STREAM_HZ = float(os.environ.get("ELASTIC_STREAM_HZ", 3))
 # Seconds between the live panel's redraws while an answer streams (its timer; the streamer
-# snapshots the trace twice as often). Each redraw costs the model about ... (docs/app.md).
+# snapshots the trace twice as often). Its cost to streaming: bench/bench_live_panel.py (docs/app.md).
 LIVE_SECONDS = float(os.environ.get("ELASTIC_LIVE_SECONDS", 1.0))
 
 # A user's mistake is one line in the server log (gradio would print a traceback for each).

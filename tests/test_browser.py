@@ -302,6 +302,7 @@ def test_compare_shows_an_answer_while_it_is_written(page):
                               " return h && h.innerText.includes('writing') && h.innerText.includes('waiting')"
                               " && h.querySelector('.ec-answer') && h.querySelector('.ec-answer').innerText.trim()"
                               ".length > 0; }", timeout=TIMEOUT)
+        tab.evaluate("window.scrollTo(0, 0)")  # Run is below the fold; the answers are at the top
         tab.screenshot(path=str(ARTIFACTS / "app_compare_live.png"))
         head = tab.locator("#compare-html .ec-compare-head").inner_text()
         example = tab.examples[0]
