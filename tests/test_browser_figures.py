@@ -4,7 +4,8 @@ Issue 32, "Done when" (d): in headless Debian chromium at 1280x720, on the light
 dark theme, every text of every rendered plotly figure is at least 14 px and has at least
 4.5:1 contrast (WCAG AA) against what is painted behind it, read from the DOM's computed
 styles of the SVG text (not from the figure's JSON: this is what the person sees); the
-hover label too; and plotly's toolbar, shown on hover, covers no title. Uses the shipped
+hover label too; and plotly's toolbar, shown on hover, covers no title. Explore's figures
+after an answer and Compare's after a run on the same question. Uses the shipped
 model and app (``app.build``, ``app.serve``, ``app.MODEL``) and only the page's UI.
 Needs ``/usr/bin/chromium`` and the ``playwright`` package; never ``playwright install``.
 """
@@ -157,7 +158,7 @@ def _measure_every_tab(page, theme: str) -> None:
     that the toolbar covers no title."""
     tabs = page.get_by_role("tab")
     names = [tabs.nth(i).inner_text().strip() for i in range(tabs.count())]
-    seen, hovered = set(), set()
+    seen, hovered, titles = set(), set(), set()
     for name in names:
         tab = page.get_by_role("tab", name=name, exact=True)
         if not tab.is_visible():  # a tab of the Explore panel while another page tab is open
@@ -196,8 +197,10 @@ def _measure_every_tab(page, theme: str) -> None:
                     area = title.bounding_box()
                     assert not (area and toolbar and overlaps(area, toolbar)), \
                         f"{theme} theme, tab {name!r}: the toolbar {toolbar} covers the title {area}"
+        titles |= {t["text"] for t in found}
     assert "heatmap" in seen and len(seen) >= 3, f"too few figures measured: {seen}"
     assert "heatmap" in hovered, f"no hover label measured on the heatmap ({hovered})"
+    assert "KV entries per layer while decoding" in titles, "Compare's chart was not measured"
     page.get_by_role("tab").first.click()
     page.screenshot(path=str(ARTIFACTS / f"figures_{theme}.png"))
 
@@ -205,6 +208,18 @@ def _measure_every_tab(page, theme: str) -> None:
 def test_every_rendered_figure_is_legible(served):
     browser, url = served
     page = _answer_first_example(browser, url, dark=False)
+    # Compare's figures too: the same question, three methods, a few tokens each.
+    page.get_by_role("button", name="Compare methods on this question").click()
+    page.wait_for_selector("#compare-question textarea", timeout=TIMEOUT)
+    limit = page.locator("#compare-max-new input[type=number]")
+    if limit.count():
+        limit.fill("8")
+        limit.press("Enter")
+    page.get_by_role("button", name="Run side by side").click()
+    page.wait_for_function("() => document.querySelectorAll('#compare-html .ec-answer').length === 3"
+                           " && document.querySelector('#compare-budgets .js-plotly-plot .barlayer')",
+                           timeout=TIMEOUT)
+    page.wait_for_timeout(1500)
     _measure_every_tab(page, "light")
     # The dark theme through gradio's own path: with no ?__theme it follows the system's
     # colour scheme and switches when that changes (no second answer to wait for).
