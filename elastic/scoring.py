@@ -48,7 +48,10 @@ class Attention:
     mask : the 4-D mask the model passed (bool: True attends, or additive float), or None
         (plain causal).
     scaling : the softmax scale the model passed (None: ``D ** -0.5``).
-    softcap : the logit soft-capping the model passed (Gemma 2 style), or None.
+    softcap : the logit soft-capping the model passed, or None. Gemma 2 passes its config's
+        ``attn_logit_softcapping``; Gemma 3 keeps the field in its config but never passes
+        it, so neither its attention nor the scores cap: the scores follow what the model
+        does, not what its config says.
     config : the attention module's config (the text decoder's).
     """
 

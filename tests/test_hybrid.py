@@ -335,3 +335,26 @@ def test_concurrent_generations_do_not_mix():
     assert not errors
     for method, outs in results.items():
         assert all(torch.equal(out, expected[method]) for out in outs)
+
+
+@pytest.mark.parametrize("method", ["h2o-ref", "prefixkv"])  # one score for all layers; one budget per layer
+def test_cross_layer_step_finishes_at_the_last_full_attention_layer(method):
+    """The decoder ends with a linear-attention layer: the shared step must finish when the
+    last *full-attention* layer (2) has attended, within the same forward."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(0)
+    m = elastic.attach(Qwen3_5ForCausalLM(Qwen3_5TextConfig(
+        **TEXT, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        layer_types=["full_attention", "linear_attention", "full_attention", "linear_attention"])).eval())
+    cache = elastic.make_cache(method, budget=BUDGET)
+    ids = inputs("qwen3_5")["input_ids"]
+    with torch.no_grad():
+        m(input_ids=ids, cache=cache, use_cache=True)
+    full = [cache.layers[0], cache.layers[2]]
+    assert not cache.step.waiting
+    assert all(layer.prompt_entries is not None and layer.get_seq_length() < T for layer in full)
+    if method == "prefixkv":  # the total over the full-attention layers only
+        assert sum(layer.get_seq_length() for layer in full) == exact_total(BUDGET, 2, T, MINIMUM[method])
+    else:  # one shared score: both layers keep the same positions
+        assert torch.equal(full[0].positions.sort().values, full[1].positions.sort().values)
