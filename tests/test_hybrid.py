@@ -215,6 +215,12 @@ def test_scores_follow_gemma3_bidirectional_image_attention():
     scores, reference, x = _eager_scores("gemma3")
     for ours, ref in zip(scores, reference, strict=True):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    # Under sdpa (the default: a boolean mask) the scores are the same.
+    cache = elastic.make_cache("h2o", budget=BUDGET)
+    with torch.no_grad():
+        model("gemma3")(**x, cache=cache, use_cache=True)
+    for ours, ref in zip(cache.trace.layers, reference, strict=True):
+        np.testing.assert_allclose(ours.scores, ref, rtol=1e-4, atol=1e-5)
     # The control: without token_type_ids the model attends causally, and the image
     # tokens' column sums change (so the match above needed the model's own mask).
     m = model("gemma3", "eager")
