@@ -364,3 +364,17 @@ def test_cross_layer_step_finishes_at_the_last_full_attention_layer(method):
         assert sum(layer.get_seq_length() for layer in full) == exact_total(BUDGET, 2, T, MINIMUM[method])
     else:  # one shared score: both layers keep the same positions
         assert torch.equal(full[0].positions.sort().values, full[1].positions.sort().values)
+
+
+def test_the_inner_model_called_on_its_own_binds_the_cache_too():
+    """Gemma3Model called on its own (a manual loop) reaches the hooked text decoder, which
+    binds the cache: the same layers and decisions as an explicitly bound cache."""
+    m, x = model("gemma3"), inputs("gemma3")
+    caches = [elastic.make_cache("elastic", budget=BUDGET), elastic.make_cache("elastic", budget=BUDGET, config=m.config)]
+    with torch.no_grad():
+        for cache in caches:
+            m.model(**x, cache=cache, use_cache=True)
+    assert [type(layer) for layer in caches[0].layers] == [type(layer) for layer in caches[1].layers]
+    assert caches[0].trace.layer_ids == caches[1].trace.layer_ids == FULL_LAYERS["gemma3"]
+    for a, b in zip(caches[0].trace.layers, caches[1].trace.layers, strict=True):
+        np.testing.assert_array_equal(a.group, b.group)
