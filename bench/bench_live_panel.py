@@ -10,9 +10,12 @@ decodes ``--new`` tokens):
 * ``library``: :func:`elastic.generate` with a ``TextIteratorStreamer`` drained by the caller;
 * ``app``: one ``/chat`` request through ``gradio_client`` (the app launched in-process, as in
   ``bench/bench_app_streaming.py``), new tokens / wall seconds from submit to the final state;
-* ``app + live panel``: the same, while a second process asks ``/live`` for the same session
-  every ``explorer.limits.LIVE_SECONDS`` (what the page's timer does): the figures of the
-  answer being written are drawn on the server and sent, as to a browser.
+* ``app + live panel``: the same, while a thread asks ``/live`` for the same session every
+  ``explorer.limits.LIVE_SECONDS`` (what the page's timer does): the figures of the answer
+  being written are drawn on the server and sent, as to a browser. The poller shares the
+  chat's ``gradio_client.Client`` (one event stream per session, as a page has), so it runs in
+  this process and its decoding of the figures' JSON competes for the GIL too: a pessimistic
+  measure of what a browser (its own process) costs the server.
 
 Target (issue 32): app + live panel >= 0.85 x the library's tokens/s. The last column gives
 how many live redraws (new figures) arrived per second of streaming.
@@ -21,7 +24,6 @@ how many live redraws (new figures) arrived per second of streaming.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import tempfile
 import threading
@@ -48,17 +50,13 @@ def library_rate(model, processor, image, method, budget, new):
     return out["gen"].stats["new_tokens"] / (time.perf_counter() - start), 0.0
 
 
-def poll_live(url, session_hash, period, stop, redraws):
-    """In its own process, as a browser would be: ask /live every ``period`` seconds."""
-    from gradio_client import Client
-
-    client = Client(url, verbose=False, download_files=False)
-    client.session_hash = session_hash
+def poll_live(client, period, stop, redraws):
+    """Ask /live every ``period`` seconds, as the page's timer does, until ``stop`` is set."""
     while not stop.is_set():
         asked = time.perf_counter()
         out = client.predict(0, 0, api_name="/live")
         if isinstance(out[3], dict) and "plot" in out[3]:
-            redraws.value += 1
+            redraws.append(asked)
         stop.wait(max(period - (time.perf_counter() - asked), 0))
 
 
@@ -66,11 +64,9 @@ def app_rate(client, app, image_path, method, budget, new, live_period=None):
     from gradio_client import handle_file
 
     message = {"text": DESCRIBE_PROMPT, "files": [handle_file(image_path)]}
-    spawn = mp.get_context("spawn")  # a fresh process, as a browser is: no copy of this one's threads
-    stop, redraws, poller = spawn.Event(), spawn.Value("i", 0), None
+    stop, redraws, poller = threading.Event(), [], None
     if live_period:
-        poller = spawn.Process(
-            target=poll_live, args=(app.demo.local_url, client.session_hash, live_period, stop, redraws))
+        poller = threading.Thread(target=poll_live, args=(client, live_period, stop, redraws))
         poller.start()
     start = time.perf_counter()
     client.predict(message, [], method, budget, 1, -25, new, 0, api_name="/chat")
@@ -79,7 +75,7 @@ def app_rate(client, app, image_path, method, budget, new, live_period=None):
         stop.set()
         poller.join()
     trace = app.SESSIONS[client.session_hash].trace
-    return (trace.decode_steps + 1) / seconds, redraws.value / seconds
+    return (trace.decode_steps + 1) / seconds, len(redraws) / seconds
 
 
 def median_rate(fn, repeats):
