@@ -4,6 +4,7 @@
     ./run.sh python bench/bench_live_panel.py --methods elastic --new 120 --repeats 5
 
 Measured side by side in one run, each the median of ``--repeats`` runs after one warm-up,
+taken in turn (library, app, app + live panel, then again),
 on the same image, prompt, method, budget and token limit (EOS switched off, so every run
 decodes ``--new`` tokens):
 
@@ -78,10 +79,16 @@ def app_rate(client, app, image_path, method, budget, new, live_period=None):
     return (trace.decode_steps + 1) / seconds, len(redraws) / seconds
 
 
-def median_rate(fn, repeats):
-    fn()  # warm-up
-    runs = [fn() for _ in range(repeats)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+def round_robin(fns, repeats):
+    """Median (rate, redraws) of each of ``fns`` after one warm-up each, the runs taken in
+    turn (one of each, ``repeats`` times), so a slow spell of a busy machine hits them alike."""
+    for fn in fns:
+        fn()
+    runs = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, runs):
+            out.append(fn())
+    return [(statistics.median(r[0] for r in out), statistics.median(r[1] for r in out)) for out in runs]
 
 
 def main(argv=None):
@@ -111,10 +118,10 @@ def main(argv=None):
         image.save(f.name)
         for method in args.methods.split(","):
             budget = 1.0 if method == "full" else args.budget
-            lib, _ = median_rate(lambda: library_rate(model, processor, image, method, budget, args.new), args.repeats)
-            plain, _ = median_rate(lambda: app_rate(client, app, f.name, method, budget, args.new), args.repeats)
-            live, redraws = median_rate(lambda: app_rate(client, app, f.name, method, budget, args.new,
-                                                         limits.LIVE_SECONDS), args.repeats)
+            (lib, _), (plain, _), (live, redraws) = round_robin([
+                lambda: library_rate(model, processor, image, method, budget, args.new),
+                lambda: app_rate(client, app, f.name, method, budget, args.new),
+                lambda: app_rate(client, app, f.name, method, budget, args.new, limits.LIVE_SECONDS)], args.repeats)
             rows.append((method, budget, lib, plain, live, redraws))
     app.demo.close()
     print("| method | budget | library tok/s | app tok/s | app + live panel tok/s | app / library "
@@ -122,7 +129,7 @@ def main(argv=None):
     for method, budget, lib, plain, live, redraws in rows:
         print(f"| {method} | {budget:g} | {lib:.1f} | {plain:.1f} | {live:.1f} | {plain / lib:.2f} | "
               f"{live / lib:.2f} | {redraws:.2f} |")
-    print(f"\n{args.new} new tokens, median of {args.repeats} after a warm-up, {args.threads} threads, "
+    print(f"\n{args.new} new tokens, median of {args.repeats} round-robin runs after a warm-up, {args.threads} threads, "
           f"live panel every {limits.LIVE_SECONDS:g} s")
 
 
