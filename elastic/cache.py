@@ -140,6 +140,10 @@ class PolicyCache(Cache):
     compressed layers hold and :meth:`state_bytes` what the others hold.
     """
 
+    # The attach hook (elastic.scoring) prepares a cache that says it wants it: scoring sits
+    # below this module in the imports, so it cannot test isinstance(cache, PolicyCache).
+    prepared_by_attach = True
+
     def __init__(self, policy: Policy, layout: str = "preallocated", reserve: int = DEFAULT_RESERVE,
                  positions: str = "true", config=None):
         if layout not in LAYOUTS:

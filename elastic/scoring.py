@@ -311,11 +311,10 @@ def _bind_cache(config):
     """Forward pre-hook: bind a policy cache handed to the model to ``config``'s layer types
     before the first forward (the model sizes its masks from the cache's layers), and show
     it the 2-D padding mask of the prompt."""
-    from .cache import PolicyCache  # the cache imports this module
 
     def hook(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if isinstance(cache, PolicyCache):
+        if getattr(cache, "prepared_by_attach", False):  # an elastic.cache.PolicyCache
             cache.prepare(config, kwargs.get("attention_mask"))
         return None
 
