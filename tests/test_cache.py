@@ -314,6 +314,25 @@ def test_attention_received_chunks_agree_with_naive():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_head, softcap", [(False, None), (True, None), (False, 2.0)])
+def test_attention_received_of_one_decode_query_agrees_with_naive(per_head, softcap):
+    """A decode step's single query takes a shortcut past the chunked loop: against a naive loop."""
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 11, 8)
+    got = elastic.attention_received(q, k, scaling=0.3, per_head=per_head, softcap=softcap)
+    expected = torch.zeros(2, 2, 11) if per_head else torch.zeros(2, 11)
+    for b in range(2):
+        for h in range(4):
+            logits = torch.tensor([float(q[b, h, 0] @ k[b, h // 2, j]) * 0.3 for j in range(11)])
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            if per_head:
+                expected[b, h // 2] += logits.softmax(0) / 2  # mean over the 2 query heads of a KV head
+            else:
+                expected[b] += logits.softmax(0) / 4
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_num_return_sequences_with_sampling_is_a_batch_of_equal_prompts(llama):
     ids = prompt(24, seed=8)
     torch.manual_seed(0)
