@@ -7,7 +7,7 @@ At 118 prompt tokens the 538 MB of weights dominate a decode step, so a compress
 cannot be faster than the full one; what it can be is slower, by the policy's own work per
 step (scoring, the eviction, Python per layer). This bench measures that cost side by side.
 
-One example scene of ``assets/examples`` (the first: "Describe the image in detail.") is
+One example scene of ``assets/examples`` (the first: "Is the purple diamond large or small?") is
 answered greedily with EOS off, so every run writes exactly ``--new`` tokens, by
 ``model.generate`` with each cache:
 
