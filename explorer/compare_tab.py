@@ -11,7 +11,7 @@ import elastic
 import viz
 
 from .defaults import COMPARE_METHODS, DEFAULT_MAX_NEW_TOKENS
-from .guards import checked_number, readable_image_input
+from .guards import readable_image_input
 
 
 @dataclass
@@ -50,9 +50,9 @@ def build_compare_tab(examples: list[dict]) -> CompareTab:
             with gr.Column(scale=2):
                 c["image"] = readable_image_input(gr.Image(type="filepath", label="Image", height=260))
                 c["question"] = gr.Textbox(label="Question", lines=2, elem_id="compare-question")
-                c["budget"] = checked_number(gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget"))
-                c["max_new"] = checked_number(gr.Slider(1, 512, value=DEFAULT_MAX_NEW_TOKENS, step=1,
-                                                        label="Max new tokens", elem_id="compare-max-new"))
+                c["budget"] = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget")
+                c["max_new"] = gr.Slider(1, 512, value=DEFAULT_MAX_NEW_TOKENS, step=1,
+                                         label="Max new tokens", elem_id="compare-max-new")
                 c["methods"] = gr.CheckboxGroup(
                     [(viz.method_name(m), m) for m in elastic.METHODS if m != "full"],
                     value=[m for m in COMPARE_METHODS if m != "full"],

@@ -11,7 +11,6 @@ import viz
 
 from .defaults import (ABLATION_CHOICES, DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, METHOD_CHOICES,
                        example_caption)
-from .guards import checked_number
 from .panel import PANEL, WAITING, explain_placeholder
 
 
@@ -84,8 +83,8 @@ def build_explore_tab(examples: list[dict]) -> ExploreTab:
                 with gr.Row(elem_id="method-budget"):
                     c["method"] = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, label="Method", elem_id="method",
                                               scale=2, min_width=140)
-                    c["budget"] = checked_number(gr.Slider(0.05, 1.0, value=DEFAULT_BUDGET, step=0.05, scale=3,
-                                                           elem_id="budget", label="Budget (fraction kept)"))
+                    c["budget"] = gr.Slider(0.05, 1.0, value=DEFAULT_BUDGET, step=0.05, scale=3,
+                                            elem_id="budget", label="Budget (fraction kept)")
                 c["chatbot"] = gr.Chatbot(show_label=False, height=300, elem_id="chatbot")
                 with gr.Row(equal_height=False, elem_id="ask"):
                     c["msg"] = gr.MultimodalTextbox(
@@ -100,11 +99,11 @@ def build_explore_tab(examples: list[dict]) -> ExploreTab:
                     c["clear"] = gr.Button("Clear chat", size="sm")
                     c["to_compare"] = gr.Button("Compare methods on this question", size="sm")
                 with gr.Row():
-                    c["start_size"] = checked_number(gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)"))
-                    c["distance"] = checked_number(gr.Slider(-64, 0, value=-25, step=1,
-                                                             label="Distance (N_tl offset)"))
-                    c["max_new"] = checked_number(gr.Slider(1, 512, value=DEFAULT_MAX_NEW_TOKENS, step=1,
-                                                            label="Max new tokens", elem_id="max-new"))
+                    c["start_size"] = gr.Slider(0, 16, value=1, step=1, label="Start size (sinks)")
+                    c["distance"] = gr.Slider(-64, 0, value=-25, step=1,
+                                              label="Distance (N_tl offset)")
+                    c["max_new"] = gr.Slider(1, 512, value=DEFAULT_MAX_NEW_TOKENS, step=1,
+                                             label="Max new tokens", elem_id="max-new")
                 with gr.Accordion("Ablation: change one choice of Elastic Cache", open=False, elem_id="ablation"):
                     gr.Markdown("The defaults are the paper's method; each other value is one of its "
                                 "ablations or a control of ours (see docs/ablations.md).")

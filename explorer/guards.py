@@ -63,7 +63,9 @@ def readable_image_input(component: gr.Image) -> gr.Image:
 
 
 def number_refusal(component: gr.Slider, value) -> str | None:
-    """Why ``value`` cannot go into the slider ``component``, naming it (None: it can)."""
+    """Why ``value`` cannot go into the slider ``component``, naming it (None: it can).
+    :func:`explain_bad_inputs` asks it for every slider of every event, before gradio's own
+    check (which names neither the field nor its range)."""
     span = f"{component.label} must be a number from {component.minimum:g} to {component.maximum:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return f"{span}, got {str(value)[:40]!r}."
@@ -72,24 +74,6 @@ def number_refusal(component: gr.Slider, value) -> str | None:
     if value > component.maximum:
         return f"{span}: {value} is greater than maximum value {component.maximum}."
     return None
-
-
-def checked_number(component: gr.Slider) -> gr.Slider:
-    """Make a slider refuse what API clients may send instead of a number ("abc", None, NaN)
-    with a message that names it; gradio's own bounds check follows."""
-    preprocess = component.preprocess
-
-    def checked(payload):
-        reason = number_refusal(component, payload)
-        if reason:
-            raise refused(reason)
-        try:
-            return preprocess(payload)
-        except Exception as error:
-            raise refused(f"{component.label}: {error}") from None
-
-    component.preprocess = checked
-    return component
 
 
 def checked_text(question: str) -> str:

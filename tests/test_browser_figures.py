@@ -21,11 +21,7 @@ import elastic
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-TIMEOUT = 180_000  # ms; the machine may be busy
+from test_browser import ARTIFACTS, CHROMIUM, FLAGS, TIMEOUT  # one chromium set-up for both browser tests
 
 # For every visible plotly text: its size, its colour and what is painted behind it, from the
 # computed styles. Behind a text is its own box (an annotation's or the hover label's), drawn
