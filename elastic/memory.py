@@ -54,8 +54,8 @@ from . import budget as budget_rules
 from .policies import METHODS, Prefill, make_policy
 
 CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"
-MODELS = ("llava-1.5-7b", "qwen2-vl-2b", "qwen2.5-vl-7b", "qwen3-vl-8b", "gemma-3-4b-it", "gemma-3-27b-it",
-          "qwen3.5-9b", "lfm2.5-vl-1.6b")
+MODELS = ("llava-1.5-7b", "qwen2-vl-2b", "qwen2.5-vl-7b", "qwen3-vl-8b", "gemma-3-4b-it", "gemma-3-12b-it",
+          "gemma-3-27b-it", "qwen3.5-9b", "lfm2.5-vl-1.6b")
 WINDOW_TYPES = ("sliding_attention", "chunked_attention")  # K/V of the last W - 1 tokens
 STATE_TYPES = ("linear_attention", "conv")  # a fixed-size state, not one entry per token
 

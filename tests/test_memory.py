@@ -189,7 +189,8 @@ def test_cli_prints_the_table(capsys):
 # model card / hub page gives them); Qwen3.5-9B's card says 9B and its checkpoint adds a
 # multi-token-prediction layer that transformers does not build, hence the looser bound.
 PUBLISHED_SIZES = {"qwen2.5-vl-7b": (8.29e9, 0.02), "qwen3-vl-8b": (8.77e9, 0.02), "gemma-3-4b-it": (4.30e9, 0.02),
-                   "gemma-3-27b-it": (27.4e9, 0.02), "lfm2.5-vl-1.6b": (1.6e9, 0.02), "qwen3.5-9b": (9.0e9, 0.05)}
+                   "gemma-3-12b-it": (12e9, 0.02), "gemma-3-27b-it": (27.4e9, 0.02), "lfm2.5-vl-1.6b": (1.6e9, 0.02),
+                   "qwen3.5-9b": (9.0e9, 0.05)}
 
 
 def _published(name: str) -> dict:
@@ -256,6 +257,18 @@ def test_hand_computation_gemma3_sliding_layers():
     f, e = pick(table, 4096, 8, "full"), pick(table, 4096, 8, "elastic")
     # Elastic keeps a fifth of the global layers' K/V, yet the whole cache only shrinks to 65%.
     assert e.cache_bytes / f.cache_bytes == (5 * 923 + 29 * 1023) / (5 * 4609 + 29 * 1023)
+
+
+def test_gemma3_12b_lists_the_published_layer_pattern():
+    """The 12B file is the published configuration as transformers 4.57 saves it (SOURCE.md): it lists
+    its 48 layer types, which the compact hub file (like the 4B / 27B ones here) leaves to
+    Gemma3TextConfig's pattern, every sixth layer global. Both must give the same layers."""
+    text = _published("gemma-3-12b-it")["text_config"]
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(48)]
+    assert text["num_hidden_layers"] == 48 and text["layer_types"] == pattern
+    shape = memory.model_shape("gemma-3-12b-it")
+    assert list(shape.layer_types) == pattern and shape.windows == (1024,) * 40
+    assert (shape.kv_heads, shape.head_dim) == (text["num_key_value_heads"], text["head_dim"]) == (8, 256)
 
 
 def test_hand_computation_lfm2_conv_layers():
