@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 from .state import ANCHOR, EVICTED, MERGED, PROTECTED, prompt_state
 from .style import (
     ANCHOR_COLOUR, DROPPED_COLOUR, EVICTED_COLOUR, INK, MODEBAR_ROOM, PROTECTED_COLOUR, SPAN_COLOURS, TEMPLATE,
-    add_span_band, figure_title, layer_label, method_name, resolve_step, title_height, token_text,
+    figure_title, layer_label, method_name, resolve_step, span_band, title_height, token_text,
 )
 
 
@@ -75,23 +75,25 @@ def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 3
             line += f"<br>removed while decoding at step {state.dropped_at[p]}"
         hover.append(line)
 
-    fig = go.Figure()
-    fig.add_trace(go.Bar(
-        name="prompt", x=list(range(T)), y=[1.0] * T, width=1.0,
+    # Built as plain data and handed to plotly once (add_trace and update_layout validate on
+    # every call: this figure is redrawn live while an answer streams).
+    data = [dict(
+        type="bar", name="prompt", x=list(range(T)), y=[1.0] * T, width=1.0,
         marker=dict(color=bar_colours, line=dict(width=0)),
         customdata=[[p, int(state.group[p]), int(state.dropped_at[p])] for p in range(T)],
         hovertext=hover, hovertemplate="%{hovertext}<extra></extra>", showlegend=False,
-    ))
+    )]
     # The legend's word for the bands (one entry standing for the three tones).
-    fig.add_trace(go.Bar(
-        name="one colour band = one merge group" if merges else "kept entry",
-        x=[None], y=[None], marker=dict(color=GROUP_TONES[1] if merges else GROUP_TONES[0]), legendgroup="groups", hoverinfo="skip",
+    data.append(dict(
+        type="bar", name="one colour band = one merge group" if merges else "kept entry",
+        x=[None], y=[None], marker=dict(color=GROUP_TONES[1] if merges else GROUP_TONES[0]), legendgroup="groups",
+        hoverinfo="skip",
     ))
 
     def overlay(name, xs, colour, pattern=None):
         xs = [int(x) for x in xs]
-        fig.add_trace(go.Bar(
-            name=name, x=xs, y=[1.0] * len(xs), width=1.0,
+        data.append(dict(
+            type="bar", name=name, x=xs, y=[1.0] * len(xs), width=1.0,
             marker=dict(color=colour, line=dict(width=0), pattern=pattern or {}),
             hovertext=[hover[p] for p in xs], hovertemplate="%{hovertext}<extra></extra>",
         ))
@@ -102,14 +104,14 @@ def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 3
 
     # Kept positions as thin ticks above the bars: neighbours stay apart even in a run of anchors.
     anchor_name = "anchors" if trace.method == "elastic" else "kept"
-    fig.add_trace(go.Scatter(
-        name=anchor_name, x=[int(x) for x in state.anchors], y=[1.13] * len(state.anchors), mode="markers",
-        marker=dict(symbol="line-ns", size=16, line=dict(color=ANCHOR_COLOUR, width=2)),
+    data.append(dict(
+        type="scatter", name=anchor_name, x=[int(x) for x in state.anchors], y=[1.13] * len(state.anchors),
+        mode="markers", marker=dict(symbol="line-ns", size=16, line=dict(color=ANCHOR_COLOUR, width=2)),
         hovertemplate=f"{anchor_name[:-1]}: position %{{x}}<extra></extra>",
     ))
     prot = [p for p, s in enumerate(state.status) if s == PROTECTED]
-    fig.add_trace(go.Scatter(
-        name="protected", x=prot, y=[1.13] * len(prot), mode="markers",
+    data.append(dict(
+        type="scatter", name="protected", x=prot, y=[1.13] * len(prot), mode="markers",
         marker=dict(symbol="star", size=13, color=PROTECTED_COLOUR, line=dict(color=INK, width=1)), cliponaxis=False,
         hovertemplate="protected (never merged): position %{x}<extra></extra>",
     ))
@@ -121,25 +123,25 @@ def merge_groups(trace, layer: int = 0, step: int | None = None, height: int = 3
     gone_fed = [int(p) for p in fed if int(p) not in held]
     for name, xs, colour in (("generated (held)", kept_fed, SPAN_COLOURS["generated"]),
                              ("generated (removed)", gone_fed, EVICTED_COLOUR)):
-        fig.add_trace(go.Bar(
-            name=name, x=xs, y=[1.0] * len(xs), width=1.0, marker=dict(color=colour, line=dict(width=0)),
+        data.append(dict(
+            type="bar", name=name, x=xs, y=[1.0] * len(xs), width=1.0, marker=dict(color=colour, line=dict(width=0)),
             hovertext=[f"position {p} '{token_text(trace, p)}' (generated)" for p in xs],
             hovertemplate="%{hovertext}<extra>" + name + "</extra>",
         ))
 
-    add_span_band(fig, trace, y0=-0.34, y1=-0.08, yref="y")
+    shapes, annotations = span_band(trace, y0=-0.34, y1=-0.08, yref="y")
     n_held = len(held)
     sub = (f"{n_held} entries for {T + step} tokens. "
            + ("One colour band = one merge group: an anchor (tick) and the tokens merged into it."
               if merges else "Blue: kept at the prefill; grey: evicted at the prefill."))
     top, bottom = title_height(sub), 112
-    fig.update_layout(
+    fig = go.Figure(data=data, layout=dict(
         title=figure_title(f"Layer {layer_label(trace, layer)}, step {step}: {method_name(trace.method)}", sub),
         height=height, barmode="overlay", bargap=0,
         margin=dict(l=20, r=MODEBAR_ROOM, t=top, b=bottom),
         xaxis=dict(title="original position", range=[-0.5, max(T + step, T) - 0.5], showgrid=False),
         yaxis=dict(visible=False, range=[-0.38, 1.25]),
         legend=dict(orientation="h", y=-0.36, yanchor="top", x=0),
-        template=TEMPLATE,
-    )
+        template=TEMPLATE, shapes=shapes, annotations=annotations,
+    ))
     return fig

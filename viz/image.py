@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 import plotly.graph_objects as go
 from PIL import Image
@@ -13,6 +16,7 @@ from .style import (ANCHOR_COLOUR, COLORBAR, DROPPED_COLOUR, FONT_SIZE, MODEBAR_
 # The embedded picture travels to the browser with every figure: keep it small.
 MAX_SIDE = 336
 OVERLAY_OPACITY = 0.22
+_PICTURES: dict = {}  # (id(image), rows, cols) -> (image, its data URI): see picture_uri
 
 
 def image_grid(trace) -> tuple[int, int] | None:
@@ -63,6 +67,22 @@ def tile_cells(trace):
         boxes.append((col0, tile.rows, tile.cols, tile.kind))
         col0 += tile.cols + 1
     return positions, cell, max(t.rows for t in tiles), col0 - 1, boxes
+
+
+def picture_uri(image: Image.Image, rows: int, cols: int) -> str:
+    """:func:`fit_image` as the PNG data URI plotly would make of it. Kept for the last few
+    images (by identity: a PIL image has no hash): encoding it is half of a redraw, and the
+    live panel redraws the same picture every second."""
+    key = (id(image), rows, cols)
+    held = _PICTURES.get(key)
+    if held is None or held[0] is not image:  # an id is reused only once its image is gone
+        picture = io.BytesIO()
+        fit_image(image, rows, cols).save(picture, format="PNG")
+        held = (image, "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode("ascii"))
+        _PICTURES[key] = held
+        while len(_PICTURES) > 4:
+            _PICTURES.pop(next(iter(_PICTURES)))
+    return held[1]
 
 
 def fit_image(image: Image.Image, rows: int, cols: int) -> Image.Image:
@@ -161,9 +181,10 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
         z = mosaic(alive.astype(float).tolist())
         colorscale, colorbar = [[0, "rgba(40,40,40,0.9)"], [1, "rgba(42,157,143,0.15)"]], None
 
-    fig = go.Figure()
-    fig.add_trace(go.Heatmap(
-        name="patches", z=z, x=list(range(cols)), y=list(range(rows)),
+    # Built as plain data and handed to plotly once (add_trace and update_layout validate on
+    # every call: this figure is redrawn live while an answer streams).
+    data = [dict(
+        type="heatmap", name="patches", z=z, x=list(range(cols)), y=list(range(rows)),
         customdata=[[[int(at[r, c]), int(state.group[at[r, c]])] if at[r, c] >= 0 else None
                      for c in range(cols)] for r in range(rows)],
         text=mosaic(labels, ""),
@@ -171,12 +192,12 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
         colorbar=colorbar, xgap=0.5, ygap=0.5,
         # Light enough over the picture that a shape keeps its own colour (orange stays orange).
         opacity=OVERLAY_OPACITY if image is not None else 1.0,
-    ))
+    )]
 
     def cells(name, ps, symbol, colour, size):
         ps = [int(p) for p in ps]
-        fig.add_trace(go.Scatter(
-            name=name, x=[cell[p][1] for p in ps], y=[cell[p][0] for p in ps], mode="markers",
+        data.append(dict(
+            type="scatter", name=name, x=[cell[p][1] for p in ps], y=[cell[p][0] for p in ps], mode="markers",
             customdata=ps, marker=dict(symbol=symbol, color=colour, size=size, line=dict(color=colour, width=1.5)),
             hovertemplate=f"{name}: position %{{customdata}}<extra></extra>",
         ))
@@ -192,24 +213,22 @@ def image_overlay(trace, image: Image.Image | None = None, layer: int = 0, step:
     cells("removed while decoding", positions[state.dropped[positions]], "x-thin-open", DROPPED_COLOUR, marker_size)
 
     # The picture under each tile that shows the whole image (the app sends one image per prompt).
-    for col0, tile_rows, tile_cols, kind in (boxes if image is not None else []):
-        if kind in WHOLE_VIEWS or len(boxes) == 1:
-            fig.add_layout_image(dict(
-                source=fit_image(image, tile_rows, tile_cols), xref="x", yref="y", x=col0 - 0.5, y=-0.5,
-                sizex=tile_cols, sizey=tile_rows, xanchor="left", yanchor="top", sizing="stretch", layer="below",
-                name="input",
-            ))
+    pictures = [dict(source=picture_uri(image, tile_rows, tile_cols), xref="x", yref="y", x=col0 - 0.5, y=-0.5,
+                     sizex=tile_cols, sizey=tile_rows, xanchor="left", yanchor="top", sizing="stretch", layer="below",
+                     name="input")
+                for col0, tile_rows, tile_cols, kind in (boxes if image is not None else [])
+                if kind in WHOLE_VIEWS or len(boxes) == 1]
     n_kept = len(kept)
     n_merged = sum(s == MERGED for s in image_status)
     sub = (f"prefill kept {n_kept}, merged {n_merged}, evicted {len(positions) - n_kept - n_merged} of {len(positions)}; "
            f"removed while decoding {int(state.dropped[positions].sum())}")
-    fig.update_layout(
+    fig = go.Figure(data=data, layout=dict(
         title=figure_title(f"Image tokens, layer {layer_label(trace, layer)}, step {step}", sub),
         height=height, margin=dict(l=20, r=MODEBAR_ROOM + 76, t=title_height(sub), b=70),
         xaxis=dict(range=[-0.5, cols - 0.5], showgrid=False, zeroline=False, showticklabels=False, constrain="domain"),
         yaxis=dict(range=[rows - 0.5, -0.5], showgrid=False, zeroline=False, showticklabels=False,
                    scaleanchor="x", scaleratio=1, constrain="domain"),
         legend=dict(orientation="h", y=-0.02, x=0),
-        template=TEMPLATE,
-    )
+        template=TEMPLATE, images=pictures,
+    ))
     return fig

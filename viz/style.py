@@ -167,30 +167,39 @@ def ink_on(fill: str) -> str:
     return dark if (on + 0.05) / (luminance(dark) + 0.05) >= (1.05 / (on + 0.05)) else light
 
 
-def add_span_band(fig: go.Figure, trace, y0: float, y1: float, yref: str = "paper", xref: str = "x") -> None:
-    """Draw one coloured rectangle per prompt span (system / image / instruction) with its name.
+def span_band(trace, y0: float, y1: float, yref: str = "paper", xref: str = "x") -> tuple[list, list]:
+    """One coloured rectangle per prompt span (system / image / instruction) and its name, as
+    layout ``(shapes, annotations)`` dicts.
 
     A name sits on a box of its span's colour, in the ink that reads on it; the first span's
     name starts at its left edge and the last one's ends at its right edge, so no name runs
     out of the figure.
     """
     spans = sorted(trace.spans.items(), key=lambda item: item[1][0])
+    shapes, annotations = [], []
     for i, (name, (start, end)) in enumerate(spans):
         colour = SPAN_COLOURS.get(name, SPAN_COLOURS["text"])
-        fig.add_shape(
-            type="rect", xref=xref, yref=yref, x0=start - 0.5, x1=end - 0.5, y0=y0, y1=y1,
-            fillcolor=colour, line=dict(width=0), name=f"span:{name}",
-        )
+        shapes.append(dict(type="rect", xref=xref, yref=yref, x0=start - 0.5, x1=end - 0.5, y0=y0, y1=y1,
+                           fillcolor=colour, line=dict(width=0), name=f"span:{name}"))
         x, anchor = (start + end - 1) / 2, "center"
         if i == 0 and len(spans) > 1:
             x, anchor = start - 0.5, "left"
         elif i == len(spans) - 1 and len(spans) > 1:
             x, anchor = end - 0.5, "right"
-        fig.add_annotation(
+        annotations.append(dict(
             x=x, y=(y0 + y1) / 2, xref=xref, yref=yref, text=name, xanchor=anchor, yanchor="middle",
             showarrow=False, bgcolor=colour, borderpad=1, font=dict(size=FONT_SIZE, color=ink_on(colour)),
-            name=f"span label:{name}",
-        )
+            name=f"span label:{name}"))
+    return shapes, annotations
+
+
+def add_span_band(fig: go.Figure, trace, y0: float, y1: float, yref: str = "paper", xref: str = "x") -> None:
+    """Draw :func:`span_band` on ``fig``."""
+    shapes, annotations = span_band(trace, y0, y1, yref, xref)
+    for shape in shapes:
+        fig.add_shape(**shape)
+    for annotation in annotations:
+        fig.add_annotation(**annotation)
 
 
 def message_figure(text: str, title: str = "", height: int = 260) -> go.Figure:

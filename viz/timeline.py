@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from .style import (DROPPED_COLOUR, INK, METHOD_COLOURS, MODEBAR_ROOM, PAPER, SPAN_COLOURS, TEMPLATE, figure_title,
                     layer_label, method_name, resolve_step, title_height, token_text)
@@ -60,71 +59,76 @@ def cache_timeline(trace, layer: int = 0, step: int | None = None, height: int =
     shown = layer_label(trace, layer)  # the decoder index (hybrid models trace only some layers)
     ratio = float(trace.budget if lt.budget is None else lt.budget)
     allowed = lt.budget_entries if lt.budget_entries is not None else trace.budget_entries
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.08)
-    fig.add_trace(go.Scatter(name="full cache", x=steps, y=full, mode="lines",
-                             line=dict(color="#7f7f7f", dash="dash")), row=1, col=1)
+    # Built as plain data and handed to plotly once: make_subplots, add_vline and
+    # update_layout validate on every call (35 ms per figure, redrawn live while an answer
+    # streams); this is the same figure in a fifth of the time.
+    top, bottom = "x", "x2"  # the two rows share the step axis (x matches x2)
+    data = [dict(type="scatter", name="full cache", x=steps, y=full, mode="lines",
+                 line=dict(color="#7f7f7f", dash="dash"), xaxis=top, yaxis="y")]
     if per_layer:
-        fig.add_trace(go.Scatter(name="mean over layers", x=steps, y=[float(v) for v in trace.lengths], mode="lines",
-                                 line=dict(color=INK, dash="dot", width=2),
-                                 hovertemplate="step %{x}: %{y:.1f} entries, mean over layers<extra></extra>"),
-                      row=1, col=1)
-    fig.add_trace(go.Scatter(name="cache length", x=steps, y=lengths, mode="lines",
-                             line=dict(color=SPAN_COLOURS["image"], width=3),
-                             hovertemplate=f"step %{{x}}: layer {shown} holds %{{y}} entries<extra></extra>"),
-                  row=1, col=1)
+        data.append(dict(type="scatter", name="mean over layers", x=steps, y=[float(v) for v in trace.lengths],
+                         mode="lines", line=dict(color=INK, dash="dot", width=2), xaxis=top, yaxis="y",
+                         hovertemplate="step %{x}: %{y:.1f} entries, mean over layers<extra></extra>"))
+    data.append(dict(type="scatter", name="cache length", x=steps, y=lengths, mode="lines",
+                     line=dict(color=SPAN_COLOURS["image"], width=3), xaxis=top, yaxis="y",
+                     hovertemplate=f"step %{{x}}: layer {shown} holds %{{y}} entries<extra></extra>"))
     if allowed is not None:
         own = (f"layer {shown}'s own budget {ratio:.3f}" if per_layer else f"the budget {trace.budget:g}")
-        fig.add_trace(go.Scatter(
-            name="layer budget", x=[0], y=[int(allowed)], customdata=[[ratio]], mode="markers",
+        data.append(dict(
+            type="scatter", name="layer budget", x=[0], y=[int(allowed)], customdata=[[ratio]], mode="markers",
             marker=dict(symbol="diamond", size=11, color="white", line=dict(color=INK, width=2)),
             hovertemplate=(f"after the prefill {own} allows &lceil;{ratio:.3f} &times; {trace.prompt_length}&rceil; = "
-                           f"{int(allowed)} entries<extra></extra>"),
-        ), row=1, col=1)
+                           f"{int(allowed)} entries<extra></extra>"), xaxis=top, yaxis="y"))
     rows = trace.evictions_of(layer)
     rows = rows[rows[:, 0] <= step]  # replaying step s: the evictions up to s
     # A rug of thin ticks on the floor of the plot: one per eviction, never over the length line.
-    fig.add_trace(go.Scatter(
-        name="evictions", x=[int(s) for s in rows[:, 0]], y=[0] * len(rows),
+    data.append(dict(
+        type="scatter", name="evictions", x=[int(s) for s in rows[:, 0]], y=[0] * len(rows),
         customdata=[int(p) for p in rows[:, 1]],
         hovertext=[f"step {int(s)}: removed position {int(p)} '{token_text(trace, int(p))}'; "
                    f"layer {shown} then holds {lengths[int(s)]} entries" for s, p in rows],
         hovertemplate="%{hovertext}<extra></extra>", mode="markers", cliponaxis=False,
-        marker=dict(symbol="line-ns", size=14, line=dict(color=DROPPED_COLOUR, width=2)),
-    ), row=1, col=1)
+        marker=dict(symbol="line-ns", size=14, line=dict(color=DROPPED_COLOUR, width=2)), xaxis=top, yaxis="y"))
+    shapes, annotations = [], []
     fixed_point = trace.fixed_point if lt.fixed_point is None else lt.fixed_point  # this layer's own N_tl
     if fixed_point is not None:
         # Slots below N_tl (the compressed prompt head) are never evicted while decoding.
-        fig.add_hrect(y0=0, y1=fixed_point, fillcolor=SPAN_COLOURS["image"], opacity=0.08, line_width=0,
-                      row=1, col=1)
-        fig.add_hline(y=fixed_point, line=dict(color=DROPPED_COLOUR, dash="dot", width=2), row=1, col=1,
-                      annotation=dict(text=f"N_tl = {fixed_point} (fixed eviction slot)", bgcolor=PAPER,
-                                      font=dict(color=INK)),
-                      annotation_position="bottom right", name="N_tl")
+        shapes.append(dict(type="rect", xref="x domain", x0=0, x1=1, yref="y", y0=0, y1=fixed_point,
+                           fillcolor=SPAN_COLOURS["image"], opacity=0.08, line=dict(width=0)))
+        shapes.append(dict(type="line", name="N_tl", xref="x domain", x0=0, x1=1, yref="y", y0=fixed_point,
+                           y1=fixed_point, line=dict(color=DROPPED_COLOUR, dash="dot", width=2)))
+        annotations.append(dict(text=f"N_tl = {fixed_point} (fixed eviction slot)", bgcolor=PAPER,
+                                font=dict(color=INK), showarrow=False, xref="x domain", x=1, xanchor="right",
+                                yref="y", y=fixed_point, yanchor="top"))
 
     kv = [int(v) for v in trace.kv_bytes()]
     full_kv = [int(v) * int(trace.bytes_per_entry) for v in full]
     unit, size = kv_unit(max(full_kv))  # one unit on the axis, the hover and the title
-    fig.add_trace(go.Scatter(name="full KV bytes", x=steps, y=[v / size for v in full_kv], mode="lines",
-                             showlegend=False, line=dict(color="#7f7f7f", dash="dash"),
-                             hovertemplate=f"full: %{{y:,.1f}} {unit}<extra></extra>"), row=2, col=1)
-    fig.add_trace(go.Scatter(name="KV bytes", x=steps, y=[v / size for v in kv], mode="lines", fill="tozeroy",
-                             showlegend=False, line=dict(color=SPAN_COLOURS["image"]),
-                             hovertemplate=f"kept: %{{y:,.1f}} {unit}<extra></extra>"), row=2, col=1)
-    for row in (1, 2):
-        fig.add_vline(x=step, line=dict(color=INK, width=1), row=row, col=1)
+    data.append(dict(type="scatter", name="full KV bytes", x=steps, y=[v / size for v in full_kv], mode="lines",
+                     showlegend=False, line=dict(color="#7f7f7f", dash="dash"), xaxis=bottom, yaxis="y2",
+                     hovertemplate=f"full: %{{y:,.1f}} {unit}<extra></extra>"))
+    data.append(dict(type="scatter", name="KV bytes", x=steps, y=[v / size for v in kv], mode="lines",
+                     fill="tozeroy", showlegend=False, line=dict(color=SPAN_COLOURS["image"]), xaxis=bottom,
+                     yaxis="y2", hovertemplate=f"kept: %{{y:,.1f}} {unit}<extra></extra>"))
+    for x, y in ((top, "y"), (bottom, "y2")):  # the step being replayed
+        shapes.append(dict(type="line", xref=x, x0=step, x1=step, yref=f"{y} domain", y0=0, y1=1,
+                           line=dict(color=INK, width=1)))
 
     share = kv[step] / full_kv[step] if full_kv[step] else 1.0
     sub = (f"{lengths[step]} entries{' (its own budget)' if per_layer else ''}; KV {kv[step] / size:,.1f} {unit} kept "
            f"vs {full_kv[step] / size:,.1f} {unit} full ({share:.0%}, all layers). Red ticks: evictions.")
-    fig.update_layout(
+    # Row heights 0.68 / 0.32 of what an 0.08 gap between them leaves.
+    layout = dict(
         title=figure_title(f"Layer {shown}, step {step}: {method_name(trace.method)}", sub),
         height=height, margin=dict(l=70, r=MODEBAR_ROOM, t=title_height(sub), b=100),
-        legend=dict(orientation="h", y=-0.22, yanchor="top", x=0),
-        template=TEMPLATE,
-    )
-    fig.update_yaxes(title_text=f"entries in layer {shown}", rangemode="tozero", row=1, col=1)
-    fig.update_yaxes(title_text=f"KV ({unit})", rangemode="tozero", nticks=4, row=2, col=1)
-    fig.update_xaxes(title_text="decoding step (0 = after prefill)", row=2, col=1)
+        legend=dict(orientation="h", y=-0.22, yanchor="top", x=0), template=TEMPLATE,
+        xaxis=dict(anchor="y", domain=[0.0, 1.0], matches="x2", showticklabels=False),
+        xaxis2=dict(anchor="y2", domain=[0.0, 1.0], title=dict(text="decoding step (0 = after prefill)")),
+        yaxis=dict(anchor="x", domain=[0.3744, 1.0], title=dict(text=f"entries in layer {shown}"), rangemode="tozero"),
+        yaxis2=dict(anchor="x2", domain=[0.0, 0.2944], title=dict(text=f"KV ({unit})"), rangemode="tozero",
+                    nticks=4),
+        shapes=shapes, annotations=annotations)
+    fig = go.Figure(data=data, layout=layout)
     return fig
 
 
