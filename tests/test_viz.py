@@ -293,6 +293,23 @@ def test_image_overlay_has_a_legend_entry_for_merged_patches(traces, image):
     assert data(fig, "patches")["opacity"] <= 0.25  # the picture's own colours show through
 
 
+def test_image_overlay_draws_the_picture_plotly_would_encode_for_each_image(traces, image):
+    # The picture is encoded once per image (viz.image.picture_uri): it must be what plotly
+    # itself makes of the fitted image, and each image its own.
+    from _plotly_utils.basevalidators import ImageUriValidator
+    from PIL import Image
+
+    from viz.image import fit_image
+
+    t = traces["elastic"]
+    rows, cols = viz.image_grid(t)
+    for picture in (image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), Image.new("RGB", (40, 30), "red")):
+        for _ in range(2):  # drawn afresh, then from the kept encoding
+            fig = viz.image_overlay(t, picture, layer=0)
+            expected = ImageUriValidator.pil_image_to_uri(fit_image(picture, rows, cols))
+            assert fig.layout.images[0].source == expected
+
+
 def test_layer_axes_and_labels_show_the_decoder_index(traces, image):
     """A hybrid model traces only its full-attention layers: traced layer l is decoder layer
     ``trace.layer_ids[l]`` on every axis and label."""
