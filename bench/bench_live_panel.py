@@ -2,6 +2,7 @@
 
     ./run.sh python bench/bench_live_panel.py                  # default model, full + elastic
     ./run.sh python bench/bench_live_panel.py --methods elastic --new 120 --repeats 5
+    ./run.sh python bench/bench_live_panel.py --shown image     # the page shows the Image tab
 
 Measured side by side in one run, each the median of ``--repeats`` runs after one warm-up,
 taken in turn (library, app, app + live panel, then again),
@@ -12,19 +13,26 @@ decodes ``--new`` tokens):
 * ``app``: one ``/chat`` request through ``gradio_client`` (the app launched in-process, as in
   ``bench/bench_app_streaming.py``), new tokens / wall seconds from submit to the final state;
 * ``app + live panel``: the same, while a thread asks ``/live`` for the same session every
-  ``explorer.limits.LIVE_SECONDS`` (what the page's timer does): the figures of the answer
-  being written are drawn on the server and sent, as to a browser. The poller shares the
-  chat's ``gradio_client.Client`` (one event stream per session, as a page has), so it runs in
-  this process and its decoding of the figures' JSON competes for the GIL too: a pessimistic
-  measure of what a browser (its own process) costs the server.
+  ``explorer.limits.LIVE_SECONDS`` (what the page's timer does), saying which figure tab the
+  page shows (``--shown``, default "timeline": Cache over time): the figures of the answer
+  being written are drawn on the server and sent, as to a browser. By default
+  (``--poller process``) the poller is a process of its own that asks as a page does (a POST
+  to ``/gradio_api/run/live`` with the chat's session hash); on this machine it still takes
+  CPU from the same two cores, which a remote browser would not. ``--poller thread`` polls
+  through the chat's ``gradio_client.Client`` from a thread of the server's process, so that
+  decoding the figures' JSON competes for the server's GIL too: a pessimistic measure.
 
-Target (issue 32): app + live panel >= 0.85 x the library's tokens/s. The last column gives
-how many live redraws (new figures) arrived per second of streaming.
+Target (issue 32): app + live panel >= 0.85 x the library's tokens/s, and the shown tab's
+decoding view redrawn at least once a second. The last columns give how many live redraws
+(new figures of the shown tab) arrived per second from submit to the end of the answer (the
+prefill, before the first snapshot, included), and the longest time between two redraws
+over all runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import threading
@@ -48,26 +56,60 @@ def library_rate(model, processor, image, method, budget, new):
     for _ in streamer:
         pass
     worker.join()
-    return out["gen"].stats["new_tokens"] / (time.perf_counter() - start), 0.0
+    return out["gen"].stats["new_tokens"] / (time.perf_counter() - start), (0.0, 0.0)
 
 
-def poll_live(client, period, stop, redraws):
-    """Ask /live every ``period`` seconds, as the page's timer does, until ``stop`` is set."""
-    while not stop.is_set():
-        asked = time.perf_counter()
-        out = client.predict(0, 0, api_name="/live")
-        if isinstance(out[3], dict) and "plot" in out[3]:
+def poll_live(ask, period, shown, stop, redraws):
+    """Call ``ask(shown)`` (one /live request) every ``period`` seconds, as the page's timer
+    does when it shows the figure tab ``shown``, until ``stop`` is set; a redraw (its time
+    appended to ``redraws``) is a new figure of that tab. ``stop`` is a ``threading.Event`` or,
+    in the page's process, the end of a ``multiprocessing`` pipe on which the bench says "stop"."""
+    from explorer.panel import PANEL, SHOWN_VIEWS
+
+    drawn = [PANEL.index(view) for view in SHOWN_VIEWS[shown]]
+    stopped = stop.is_set if hasattr(stop, "is_set") else stop.poll
+    wait = stop.wait if hasattr(stop, "wait") else stop.poll
+    while not stopped():
+        asked = time.monotonic()
+        out = ask(shown)
+        if any(isinstance(out[i], dict) and "plot" in out[i] for i in drawn):
             redraws.append(asked)
-        stop.wait(max(period - (time.perf_counter() - asked), 0))
+        wait(max(period - (time.monotonic() - asked), 0))
 
 
-def app_rate(client, app, image_path, method, budget, new, live_period=None):
+def page(url, conn):
+    """A page's timer in a process of its own, as a browser's is, asking as the page does: a
+    POST to ``/gradio_api/run/live`` with the session's hash (the event is not queued). For
+    each ("poll", session, shown, period) it polls until told "stop", then sends back the
+    redraw times."""
+    import json
+    import urllib.request
+
+    def ask(shown):
+        body = json.dumps({"data": [0, 0, shown], "session_hash": session, "fn_index": None}).encode()
+        request = urllib.request.Request(url + "gradio_api/run/live", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as reply:
+            return json.load(reply)["data"]
+
+    conn.send("ready")
+    while (order := conn.recv()) != "quit":
+        _, session, shown, period = order
+        redraws = []
+        poll_live(ask, period, shown, conn, redraws)
+        conn.recv()  # the "stop"
+        conn.send(redraws)
+
+
+def app_rate(client, app, image_path, method, budget, new, live_period=None, shown="all", page_conn=None):
     from gradio_client import handle_file
 
     message = {"text": DESCRIBE_PROMPT, "files": [handle_file(image_path)]}
     stop, redraws, poller = threading.Event(), [], None
-    if live_period:
-        poller = threading.Thread(target=poll_live, args=(client, live_period, stop, redraws))
+    if live_period and page_conn is not None:
+        page_conn.send(("poll", client.session_hash, shown, live_period))
+    elif live_period:
+        ask = lambda shown: client.predict(0, 0, shown, api_name="/live")  # noqa: E731
+        poller = threading.Thread(target=poll_live, args=(ask, live_period, shown, stop, redraws))
         poller.start()
     start = time.perf_counter()
     client.predict(message, [], method, budget, 1, -25, new, 0, api_name="/chat")
@@ -75,12 +117,17 @@ def app_rate(client, app, image_path, method, budget, new, live_period=None):
     if poller is not None:
         stop.set()
         poller.join()
+    if live_period and page_conn is not None:
+        page_conn.send("stop")
+        redraws = page_conn.recv()
     trace = app.SESSIONS[client.session_hash].trace
-    return (trace.decode_steps + 1) / seconds, len(redraws) / seconds
+    gaps = [b - a for a, b in zip(redraws, redraws[1:])]
+    return (trace.decode_steps + 1) / seconds, (len(redraws) / seconds, max(gaps, default=float("nan")))
 
 
 def round_robin(fns, repeats):
-    """Median (rate, redraws) of each of ``fns`` after one warm-up each, the runs taken in
+    """Median rate and redraws per second, and the longest gap between two redraws, of each
+    of ``fns`` after one warm-up each, the runs taken in
     turn (one of each, ``repeats`` times), so a slow spell of a busy machine hits them alike."""
     for fn in fns:
         fn()
@@ -88,7 +135,8 @@ def round_robin(fns, repeats):
     for _ in range(repeats):
         for fn, out in zip(fns, runs):
             out.append(fn())
-    return [(statistics.median(r[0] for r in out), statistics.median(r[1] for r in out)) for out in runs]
+    return [(statistics.median(r[0] for r in out), statistics.median(r[1][0] for r in out),
+             max(r[1][1] for r in out)) for out in runs]
 
 
 def main(argv=None):
@@ -99,6 +147,10 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=120, help="new tokens per answer (EOS off)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--poller", choices=("process", "thread"), default="process",
+                    help="the page's timer in its own process (as a browser's) or a thread of this one")
+    ap.add_argument("--shown", default="timeline", help="the figure tab the emulated page shows "
+                    "(explorer.panel.SHOWN_VIEWS: attention, groups, image, timeline, how, all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -112,25 +164,37 @@ def main(argv=None):
     app.MODEL.set(model, processor)
     app.serve(prevent_thread_lock=True, quiet=True)
     client = Client(app.demo.local_url, verbose=False, download_files=False)
+    page_conn = None
+    if args.poller == "process":
+        page_conn, theirs = multiprocessing.get_context("spawn").Pipe()
+        browser = multiprocessing.get_context("spawn").Process(target=page, args=(app.demo.local_url, theirs),
+                                                               daemon=True)
+        browser.start()
+        assert page_conn.recv() == "ready"
     image = render(make_scene(VAL_OFFSET + 1))
     rows = []
     with tempfile.NamedTemporaryFile(suffix=".png") as f:
         image.save(f.name)
         for method in args.methods.split(","):
             budget = 1.0 if method == "full" else args.budget
-            (lib, _), (plain, _), (live, redraws) = round_robin([
+            (lib, _, _), (plain, _, _), (live, redraws, gap) = round_robin([
                 lambda: library_rate(model, processor, image, method, budget, args.new),
                 lambda: app_rate(client, app, f.name, method, budget, args.new),
-                lambda: app_rate(client, app, f.name, method, budget, args.new, limits.LIVE_SECONDS)], args.repeats)
-            rows.append((method, budget, lib, plain, live, redraws))
+                lambda: app_rate(client, app, f.name, method, budget, args.new, limits.LIVE_SECONDS,
+                                 args.shown, page_conn)], args.repeats)
+            rows.append((method, budget, lib, plain, live, redraws, gap))
+    if page_conn is not None:
+        page_conn.send("quit")
     app.demo.close()
     print("| method | budget | library tok/s | app tok/s | app + live panel tok/s | app / library "
-          "| app + live / library | live redraws / s |\n|---|---|---|---|---|---|---|---|")
-    for method, budget, lib, plain, live, redraws in rows:
+          "| app + live / library | live redraws / s | longest gap between redraws (s) |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for method, budget, lib, plain, live, redraws, gap in rows:
         print(f"| {method} | {budget:g} | {lib:.1f} | {plain:.1f} | {live:.1f} | {plain / lib:.2f} | "
-              f"{live / lib:.2f} | {redraws:.2f} |")
+              f"{live / lib:.2f} | {redraws:.2f} | {gap:.2f} |")
     print(f"\n{args.new} new tokens, median of {args.repeats} round-robin runs after a warm-up, {args.threads} threads, "
-          f"live panel every {limits.LIVE_SECONDS:g} s")
+          f"live panel every {limits.LIVE_SECONDS:g} s showing the {args.shown!r} figure tab, asked by a {args.poller} "
+          f"of its own")
 
 
 if __name__ == "__main__":

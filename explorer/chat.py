@@ -98,6 +98,7 @@ def chat(message, history, method, budget, start_size, distance, max_new_tokens,
     streamer = LiveStreamer(getattr(processor, "tokenizer", processor), every=limits.LIVE_SECONDS / 2)
     streamer.image = image and small(image)
     session.live, session.drawn = streamer, 0  # the panel's timer draws its snapshots
+    session.prefill_drawn = set()
     options = dict(importance=importance or "sum", scope=scope or "layer", prefill=prefill or "merge",
                    decode=decode or "fixed-point", protect=protect or "none")
     run = Background(lambda: elastic.generate(

@@ -48,8 +48,11 @@ def build_compare_tab(examples: list[dict]) -> CompareTab:
     with gr.Tab("Compare", id="compare") as c["tab"]:
         with gr.Row():
             with gr.Column(scale=2):
-                c["image"] = readable_image_input(gr.Image(type="filepath", label="Image", height=260))
+                c["image"] = readable_image_input(gr.Image(type="filepath", label="Image", height=220))
                 c["question"] = gr.Textbox(label="Question", lines=2, elem_id="compare-question")
+                with gr.Row():  # right under the question: inside a 720-pixel projector's view
+                    c["run"] = gr.Button("Run side by side", variant="primary", elem_id="compare-run")
+                    c["stop"] = gr.Button("Stop", variant="stop", elem_id="compare-stop")
                 c["budget"] = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Budget")
                 c["max_new"] = gr.Slider(1, 512, value=DEFAULT_MAX_NEW_TOKENS, step=1,
                                          label="Max new tokens", elem_id="compare-max-new")
@@ -62,9 +65,6 @@ def build_compare_tab(examples: list[dict]) -> CompareTab:
                 c["use_context"] = gr.Checkbox(False, visible=False, elem_id="compare-context",
                                                label="With the chat's earlier turns as context")
                 c["context"] = gr.State(None)
-                with gr.Row():
-                    c["run"] = gr.Button("Run side by side", variant="primary")
-                    c["stop"] = gr.Button("Stop", variant="stop", elem_id="compare-stop")
                 if examples:
                     gr.Examples([[e["image"], e["prompt"]] for e in examples], inputs=[c["image"], c["question"]],
                                 elem_id="compare-examples")

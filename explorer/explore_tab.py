@@ -11,7 +11,7 @@ import viz
 
 from .defaults import (ABLATION_CHOICES, DEFAULT_BUDGET, DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, METHOD_CHOICES,
                        example_caption)
-from .panel import PANEL, WAITING, explain_placeholder
+from .panel import PANEL, SHOWN_VIEWS, WAITING, explain_placeholder
 
 
 @dataclass
@@ -47,6 +47,7 @@ class ExploreTab:
     teach_groups: gr.Plot
     teach_timeline: gr.Plot
     budgets: gr.Plot
+    shown: gr.Radio | None = None  # which figure tab the page shows (panel.SHOWN_VIEWS), sent with /live
     figure_tabs: tuple = ()
     examples: gr.Gallery | None = None  # the example scenes, as thumbnails (none without examples.json)
 
@@ -142,5 +143,8 @@ def build_explore_tab(examples: list[dict]) -> ExploreTab:
                         c["explain"] = gr.HTML(explain_placeholder(), label="explanation", elem_id="explain")
                         c["teach_groups"] = gr.Plot(waiting, label="teaching groups", show_label=False)
                         c["teach_timeline"] = gr.Plot(waiting, label="teaching timeline", show_label=False)
+                # Hidden: set by the page as the tabs are chosen, so /live draws only what is seen.
+                c["shown"] = gr.Radio(list(SHOWN_VIEWS), value="all", label="Figure tab shown", visible="hidden",
+                                      elem_id="shown")
     c["figure_tabs"] = (t_attention, t_groups, t_image, t_timeline, t_how)
     return ExploreTab(**c)

@@ -17,10 +17,7 @@ from .panel import live_panel, on_slider, pending_panel, show_panel
 from .sessions import forget_session, stop_generation
 
 CSS = (Path(__file__).parent / "style.css").read_text()
-INTRO = """**Elastic Cache Explorer**: watch a compressed KV cache while a vision-language model answers \
-([Elastic Cache](https://arxiv.org/abs/2407.18121) merges unimportant prompt tokens into *anchors*, then evicts at one
-fixed point). Model: SmolLM2-135M-Instruct with eyes, which knows only **synthetic shape scenes** (3x3 grids of shapes):
-pick an example scene below, then Send."""
+INTRO = """**Elastic Cache Explorer**: watch a KV cache compressed by [Elastic Cache](https://arxiv.org/abs/2407.18121) (tokens merged into *anchors*) as a vision-language model answers. Model: SmolLM2 with eyes, for **synthetic shape scenes** only."""
 # A plot drawn while its tab was hidden has no width to fit; a resize on showing the tab
 # makes plotly fit it to the visible column again.
 RESIZE_JS = "() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }"
@@ -41,6 +38,10 @@ def build(examples_dir: Path = EXAMPLES_DIR, gpu=lambda fn: fn) -> gr.Blocks:
         wire_compare(comp, gpu)
         for tab in (explore.tab, comp.tab, *explore.figure_tabs):
             tab.select(None, None, None, js=RESIZE_JS, api_name=False, queue=False)
+        # The page tells /live which figure tab it shows (in the browser: no request of its own).
+        for tab, name in zip(explore.figure_tabs, ("attention", "groups", "image", "timeline", "how")):
+            tab.select(None, None, explore.shown, js=f"() => {name!r}", api_name=False, queue=False)
+        blocks.load(None, None, explore.shown, js="() => 'attention'", api_name=False, queue=False)
         blocks.unload(forget_session)
     return blocks
 
@@ -69,7 +70,7 @@ def wire_explore(e, comp, tabs, timer, gpu, examples) -> None:
           api_name="chat", concurrency_id="model", concurrency_limit=limits.CONCURRENCY
           ).then(show_panel, [e.layer], [*e.panel, *sliders], api_name="panel", show_progress="hidden", queue=False
                  ).then(lambda: gr.Timer(active=False), None, timer, api_name=False, queue=False)
-    timer.tick(live_panel, [e.layer, e.head], [*e.panel, *sliders], api_name="live", queue=False,
+    timer.tick(live_panel, [e.layer, e.head, e.shown], [*e.panel, *sliders], api_name="live", queue=False,
                show_progress="hidden")
     # Not queued: it must get through while the chat holds the model's queue slot.
     e.stop.click(stop_generation, None, None, api_name="stop", queue=False)

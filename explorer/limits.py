@@ -25,9 +25,10 @@ CONCURRENCY = int(os.environ.get("ELASTIC_CONCURRENCY", 1))
 # Chat updates per second while streaming: each costs the server about 0.1 s through gradio's
 # queue, which the model's decoding pays for (docs/benchmarks.md: 10 Hz 5.5 tok/s, 3 Hz 7.4, 1 Hz 10.1).
 STREAM_HZ = float(os.environ.get("ELASTIC_STREAM_HZ", 3))
-# Seconds between the live panel's redraws while an answer streams (its timer; the streamer
+# Seconds between the live panel's redraws while an answer streams (under a second: the page must
+# follow the tokens at least once a second, and a tick takes a few ms; the streamer
 # snapshots the trace twice as often). Its cost to streaming: bench/bench_live_panel.py (docs/app.md).
-LIVE_SECONDS = float(os.environ.get("ELASTIC_LIVE_SECONDS", 1.0))
+LIVE_SECONDS = float(os.environ.get("ELASTIC_LIVE_SECONDS", 0.8))
 
 # A user's mistake is one line in the server log (gradio would print a traceback for each).
 LOG = logging.getLogger("elastic.app")

@@ -16,6 +16,13 @@ from .sessions import Session, session_of
 # The heatmap, groups, image overlay, timeline, explanation, the teaching tab's copies of the
 # groups and the timeline, and the budget per layer.
 PANEL = ("heatmap", "groups", "overlay", "timeline", "explain", "teach_groups", "teach_timeline", "budgets")
+# The views fixed once the prompt is read; the others change with every decoding step.
+PREFILL_VIEWS = ("heatmap", "explain", "budgets")
+# The figure tab the page shows (``ExploreTab.shown``) and the views it holds: while an answer
+# streams, /live draws only those (each is 5-15 ms of plotly in Python, taken from the thread
+# that writes the answer), a prefill view once. "all" (an API client's default) draws every one.
+SHOWN_VIEWS = {"all": PANEL, "attention": ("heatmap",), "groups": ("groups",), "image": ("overlay",),
+               "timeline": ("timeline", "budgets"), "how": ("explain", "teach_groups", "teach_timeline")}
 WAITING = "Send a message (or pick an example) to see the cache."
 
 
@@ -36,17 +43,25 @@ def render_panel(session: Session, layer, step, head=0) -> tuple:
         empty = viz.message_figure(WAITING)
         return empty, empty, empty, empty, viz.explain_html(None), empty, empty, empty
     trace, layer, step = _viewed(session.trace, layer, step, head)
-    groups, overlay, timeline = decode_views(trace, session.image, layer, step)
-    # The teaching tab shows the same two figures next to the explanation.
-    return (viz.attention_heatmap(trace, layer), groups, overlay, timeline, viz.explain_html(trace, layer), groups,
-            timeline, viz.layer_budgets_figure(trace, layer=layer))
+    views = draw_views(PANEL, trace, session.image, layer, step)
+    return tuple(views[name] for name in PANEL)
 
 
-def decode_views(trace, image, layer: int, step: int) -> tuple:
-    """The figures that change while the answer is written: groups (with the entries removed
-    so far), the image overlay and the cache over time."""
-    return (viz.merge_groups(trace, layer, step), viz.image_overlay(trace, image, layer, step),
-            viz.cache_timeline(trace, layer, step))
+def draw_views(names, trace, image, layer: int, step: int) -> dict:
+    """The panel's views ``names`` (``PANEL`` names) of ``trace`` at ``layer`` / ``step``."""
+    draw = {"heatmap": lambda: viz.attention_heatmap(trace, layer),
+            "groups": lambda: viz.merge_groups(trace, layer, step),
+            "overlay": lambda: viz.image_overlay(trace, image, layer, step),
+            "timeline": lambda: viz.cache_timeline(trace, layer, step),
+            "explain": lambda: viz.explain_html(trace, layer),
+            "budgets": lambda: viz.layer_budgets_figure(trace, layer=layer)}
+    views = {}
+    for name in names:
+        drawn = name.removeprefix("teach_")  # the teaching tab shows the same two figures
+        if drawn not in views:
+            views[drawn] = draw[drawn]()
+        views[name] = views[drawn]
+    return views
 
 
 def head_slider(trace):
@@ -76,30 +91,40 @@ def show_panel(layer, request: gr.Request = None):
             gr.update(maximum=max(steps, 1), value=steps), head_slider(session.trace))
 
 
-def live_panel(layer, head, request: gr.Request = None):
+def live_panel(layer, head, shown="all", request: gr.Request = None):
     """The panel of the answer being written (a timer's tick while it streams, API ``/live``).
 
-    The first snapshot after the prefill draws every figure; later ones redraw only the
-    decoding views (groups, image, cache over time) and move the step slider to the newest
-    step. Nothing changes when there is no new snapshot. ``show_panel`` draws the final one.
+    Draws the views of the ``shown`` figure tab (``SHOWN_VIEWS``; every view for "all"): on
+    each new snapshot its decoding views (groups, image, cache over time, at the newest step),
+    and a prefill view (heatmap, budgets, explanation) once per answer; moves the step slider
+    to the newest step (on the Attention tab only that). Nothing changes when there is no
+    new snapshot and no prefill view left to draw. ``show_panel`` draws the final panel,
+    every view.
     """
     session = session_of(request)
     live = session.live
     unchanged = (gr.update(),) * (len(PANEL) + 3)
-    if live is None or live.trace is None or live.version == session.drawn:
+    if live is None or live.trace is None:
+        return unchanged
+    shown_views = SHOWN_VIEWS.get(shown, ())
+    new = [name for name in shown_views if name in PREFILL_VIEWS and name not in session.prefill_drawn]
+    snapshot = live.version != session.drawn
+    if snapshot:
+        new += [name for name in shown_views if name not in PREFILL_VIEWS]
+    if not new and not snapshot:
         return unchanged
     first = session.drawn == 0
     session.drawn = live.version
+    session.prefill_drawn.update(name for name in new if name in PREFILL_VIEWS)
     if session.live is live:  # not once the chat has left the final trace
         session.trace, session.image = live.trace, live.image  # so the sliders replay what ran so far
     trace, layer, step = _viewed(live.trace, layer, None, head)
-    steps = gr.update(maximum=max(step, 1), value=step)
+    views = draw_views(new, trace, live.image, layer, step)
+    figures = tuple(views.get(name, gr.update()) for name in PANEL)
+    steps = gr.update(maximum=max(step, 1), value=step) if snapshot else gr.update()
     if first:
-        return (*render_panel(session, layer, step, head), gr.update(maximum=max(trace.num_layers - 1, 1),
-                                                                     value=layer), steps, head_slider(live.trace))
-    groups, overlay, timeline = decode_views(trace, live.image, layer, step)
-    keep = gr.update()
-    return keep, groups, overlay, timeline, keep, groups, timeline, keep, keep, steps, keep
+        return *figures, gr.update(maximum=max(trace.num_layers - 1, 1), value=layer), steps, head_slider(live.trace)
+    return *figures, gr.update(), steps, gr.update()
 
 
 def pending_panel():

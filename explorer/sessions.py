@@ -68,6 +68,7 @@ class Session:
     client: str = ""  # the client's address: its sessions are capped on their own
     live: object = None  # the answer being written: its LiveStreamer (text, trace snapshots)
     drawn: int = 0  # the live snapshot the panel last drew (LiveStreamer.version)
+    prefill_drawn: set = field(default_factory=set)  # the answer's prefill views drawn live so far
 
 
 SESSIONS: OrderedDict[str, Session] = OrderedDict()

@@ -344,6 +344,45 @@ def test_the_live_panel_follows_the_answer_while_it_streams(server, images):
     assert steps == sorted(steps) and steps[-1] > steps[0] and steps[-1] <= final.decode_steps
 
 
+def test_the_live_panel_draws_only_the_figure_tab_the_page_shows(server, images):
+    # The page says which figure tab it shows: /live draws that tab's views only, its
+    # decoding view on every new snapshot and its prefill view once; a tab chosen while the
+    # answer streams gets its views at the next tick.
+    from explorer.panel import PANEL
+
+    client = Client(server.url, verbose=False)
+    message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}
+    drawn = []  # (the tab shown, /live's figure outputs)
+    with endless(server.model):
+        job = client.submit(message, [], "elastic", 0.5, 1, -8, 120, 0, api_name="/chat")
+        redraws = 0
+        while not job.done() and redraws < 3:  # then the page switches to the Attention tab
+            out = client.predict(0, 0, "timeline", api_name="/live")
+            drawn.append(("timeline", out[:len(PANEL)]))
+            redraws += any(isinstance(value, dict) and "plot" in value for value in out[:len(PANEL)])
+            time.sleep(0.2)
+        while not job.done() and len(drawn) < 30:
+            out = client.predict(0, 0, "attention", api_name="/live")
+            drawn.append(("attention", out[:len(PANEL)]))
+            time.sleep(0.2)
+        job.result()
+    final = session_trace(client)
+    is_plot = lambda value: isinstance(value, dict) and "plot" in value  # noqa: E731
+    plotted = [(shown, {name for name, value in zip(PANEL, out) if is_plot(value)}) for shown, out in drawn]
+    on_timeline = [names for shown, names in plotted if shown == "timeline" and names]
+    assert len(on_timeline) >= 2, "the shown tab was not redrawn while the answer streamed"
+    assert on_timeline[0] == {"timeline", "budgets"} and all(names == {"timeline"} for names in on_timeline[1:])
+    for shown, out in drawn:
+        if shown == "timeline" and is_plot(out[PANEL.index("timeline")]):
+            lengths = arr(trace_data(figure(out[PANEL.index("timeline")]), "cache length")["y"]).tolist()
+            assert lengths == list(final.lengths[:len(lengths)])
+    on_attention = [names for shown, names in plotted if shown == "attention" and names]
+    assert on_attention and on_attention[0] == {"heatmap"}, "the tab chosen while streaming was not drawn"
+    assert all(not names for names in on_attention[1:]), "a prefill view was drawn twice"
+    heat = figure(next(out for shown, out in drawn if shown == "attention" and is_plot(out[0]))[0])
+    np.testing.assert_allclose(arr(trace_data(heat, "scores")["customdata"]), final.scores_matrix(), rtol=1e-6)
+
+
 def test_a_chat_whose_client_leaves_stops_generating(server, images):
     client = Client(server.url, verbose=False)
     message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}

@@ -162,19 +162,28 @@ def _send_example(page, index):
 
 
 def _answered(page):
-    """Wait for the answer's summary and for the panel drawn after it (by /panel)."""
+    """Wait for the answer's summary and for the panel drawn after it (by /panel: while the
+    answer streams, /live draws only the shown tab's views, so the other tabs' views and the
+    explanation still hold their placeholders)."""
     page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('KV entries')"
-                           " && !document.querySelector('#heatmap')?.textContent.includes('figures appear')",
+                           " && !['#heatmap', '#timeline', '#groups'].some(id => document.querySelector(id)"
+                           "?.textContent.includes('figures appear'))"
+                           " && !document.querySelector('#explain')?.textContent.includes('Send a message')",
                            timeout=TIMEOUT)
 
 
 def test_first_screen_fits_a_projector(page):
     projector = _open(page, 1280, 720)
-    for selector in ("#chat-examples", "#method", "#budget", "#msg", "#chatbot", "#heatmap"):
+    for selector in ("#chat-examples", "#method", "#budget", "#msg", "#send", "#stop", "#status", "#chatbot",
+                     "#heatmap"):
         box = projector.locator(selector).first.bounding_box()
         assert box and box["y"] >= 0 and box["y"] + box["height"] <= 720, f"{selector} is below the fold: {box}"
     assert "synthetic shape scenes" in projector.locator("body").inner_text()  # the model's scope is said
     projector.screenshot(path=str(ARTIFACTS / "app_1280x720.png"))
+    # Compare's main loop too: the image, the question, Run and Stop.
+    projector.get_by_role("tab", name="Compare").click()
+    for selector in ("#compare-question", "#compare-run", "#compare-stop"):
+        _inside(projector, selector, 720)
     projector.close()
 
 
@@ -222,6 +231,9 @@ def test_how_it_works_states_the_clamped_fixed_point(page):
     tab.locator("#msg textarea").press("Enter")
     _answered(tab)
     tab.get_by_role("tab", name="How it works").click()
+    # Drawn by /panel after the answer (or by /live once the tab is shown): not a placeholder.
+    tab.wait_for_function("() => !document.querySelector('#explain')?.innerText.includes('Send a message')",
+                          timeout=TIMEOUT)
     text = tab.locator("#explain").inner_text()
     assert "would fall inside the attention sink" in text and "clamped to 1" in text
     tab.close()
