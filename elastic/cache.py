@@ -35,6 +35,8 @@ Two storage layouts (the layer classes, in :mod:`elastic.layers`) make the same 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin
@@ -122,8 +124,15 @@ _UNBOUND = (
 _NOTHING_TO_COMPRESS = (
     "this text decoder has no full-attention layer (its layers are {types}; a model-wide "
     "sliding_window makes every layer a sliding one): transformers already bounds each by its window "
-    "or a fixed state, and elastic compresses full-attention layers only, so {method!r} has nothing to "
-    "compress. Use method='full', or load the model with sliding_window=None to compress the whole context"
+    "or a fixed state, and elastic compresses full-attention layers only, so {method!r} compresses "
+    "nothing here and answers as the full cache does. Load the model with sliding_window=None to "
+    "compress the whole context"
+)
+
+_NO_TRACE = (
+    "this text decoder has no full-attention layer (its layers are {types}), so the cache compressed "
+    "nothing and has no per-layer trace: kv_bytes() is 0 and state_bytes() holds the windows. Load the "
+    "model with sliding_window=None for a compressed cache and its trace"
 )
 
 
@@ -186,8 +195,9 @@ class PolicyCache(Cache):
             self._bound_config = config
             return self
         full = [i for i, kind in enumerate(types) if kind == "full_attention"]
-        if not full and self.policy.name != "full":
-            raise ValueError(_NOTHING_TO_COMPRESS.format(types=", ".join(sorted(set(types))), method=self.policy.name))
+        if not full and self.policy.name != "full":  # runs, as the hybrids' other layers do; says so
+            warnings.warn(_NOTHING_TO_COMPRESS.format(types=", ".join(sorted(set(types))), method=self.policy.name),
+                          UserWarning, stacklevel=2)
         _, kwargs = get_layer_types_and_kwargs(config)
         self.layers = [self._new_layer(i) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
                        for i, (kind, kw) in enumerate(zip(types, kwargs))]
@@ -371,6 +381,8 @@ class PolicyCache(Cache):
         """
         self.step.finish()  # a shared-score step not finished yet (the last layer never reported)
         layers = [layer for layer in self.policy_layers if layer.prompt_length is not None]
+        if not layers and self.layer_types is not None and "full_attention" not in self.layer_types:
+            raise ValueError(_NO_TRACE.format(types=", ".join(sorted(set(self.layer_types)))))
         if not layers:
             raise RuntimeError("the cache has not seen a prompt yet: run generate() with it first")
         first, policy = layers[0], self.policy

@@ -19,7 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .budget import keep_count
 from .cache import PolicyCache, make_cache
-from .scoring import is_attached, text_config
+from .scoring import check_layer_types, is_attached, text_config
 from .spans import prompt_annotations  # noqa: F401 (also elastic.generation.prompt_annotations)
 from .trace import Trace
 
@@ -259,6 +259,12 @@ def generate(model, processor, image, prompt, method: str = "elastic", budget: f
             or not math.isfinite(max_new_tokens) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
+    layer_types = check_layer_types(text_config(model))
+    if "full_attention" not in layer_types:  # nothing to compress, nothing to trace: say so before any work
+        raise ValueError(f"elastic.generate traces the full-attention layers, and this model has none (its layers "
+                         f"are {', '.join(sorted(set(layer_types)))}: a model-wide sliding_window makes every layer "
+                         "a sliding one). Load it with sliding_window=None, or call model.generate with "
+                         "elastic.make_cache(...) (every layer keeps transformers' own window)")
     cache = make_cache(method, budget=budget, start_size=start_size, distance=distance, reserve=max_new_tokens,
                        positions=positions, **policy_params)
     image = load_image(image) if image is not None else None

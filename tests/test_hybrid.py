@@ -4,7 +4,7 @@ transformers. Tiny random models, offline: Gemma 3 (sliding + full, a window sho
 the prompt, image tokens), Qwen3.5 (linear attention + full: the text model, and the VLM
 with an image), LFM2-VL (conv + full),
 Llama 4's text decoder (chunked + full), Gemma 2 (logit soft-capping), Mistral 3 with a
-model-wide sliding window (nothing to compress)."""
+model-wide sliding window (nothing to compress: every method runs on transformers' windows)."""
 
 from __future__ import annotations
 
@@ -272,19 +272,27 @@ def test_sliding_window_is_not_mistaken_for_padding_and_padding_still_refused():
 
 
 def test_mistral3_with_a_model_wide_sliding_window():
-    """Every layer is a sliding one: the full cache is transformers' cache; a compressing
-    method has nothing to compress and says so."""
+    """Every layer is a sliding one: every method runs on transformers' own windows and
+    answers as plain generate; a compressing method warns that it compresses nothing; there
+    is no per-layer trace, and elastic.generate (which returns one) refuses before any work."""
     m = model("mistral3")
     x = inputs("mistral3")
-    cache = elastic.make_cache("full")
-    assert torch.equal(generate(m, x, cache), generate(m, x))
-    assert cache.kv_bytes() == 0 and cache.state_bytes() > 0
-    assert all(isinstance(layer, DynamicSlidingWindowLayer) and layer.keys.shape[-2] == WINDOW - 1
-               for layer in cache.layers)
+    plain = generate(m, x)
     for method in elastic.METHODS:
-        if method != "full":
-            with pytest.raises(ValueError, match="no full-attention layer.*sliding_window=None"):
-                generate(m, x, elastic.make_cache(method, budget=BUDGET))
+        cache = elastic.make_cache(method, budget=BUDGET)
+        if method == "full":
+            out = generate(m, x, cache)
+        else:
+            with pytest.warns(UserWarning, match=f"no full-attention layer.*{method!r} compresses nothing"):
+                out = generate(m, x, cache)
+        assert torch.equal(out, plain), method
+        assert cache.kv_bytes() == 0 and cache.state_bytes() > 0
+        assert all(isinstance(layer, DynamicSlidingWindowLayer) and layer.keys.shape[-2] == WINDOW - 1
+                   for layer in cache.layers)
+        with pytest.raises(ValueError, match="no full-attention layer.*no per-layer trace"):
+            cache.trace
+    with pytest.raises(ValueError, match="elastic.generate traces the full-attention layers.*sliding_window=None"):
+        elastic.generate(m, None, None, "What is in the image?", method="elastic")
 
 
 def test_llama4_conditional_generation_is_refused_with_a_way_out():
