@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -197,6 +198,18 @@ def _bad_value(block_fn, inputs) -> str | None:
     return None
 
 
+def _with_field(components, inputs, message: str) -> str:
+    """gradio's own refusal of a value outside a menu's choices, with the menu's name in front
+    and without the Python type it adds ("Value: 'x' (type: <class 'str'>) is not in ...")."""
+    message = re.sub(r" \(type: <class '[^']*'>\)", "", message)
+    for component, value in zip(components, inputs):
+        if isinstance(component, (gr.Radio, gr.Dropdown)) and not getattr(component, "multiselect", False):
+            choices = [c[1] if isinstance(c, tuple) else c for c in component.choices]
+            if value not in choices and "not in the list of choices" in message:
+                return f"{_field(component)[0].capitalize()}: {message}"
+    return message
+
+
 def explain_bad_inputs(blocks: gr.Blocks) -> None:
     """Answer inputs that gradio itself cannot take (a malformed chat history, a server path, a
     slider sent text) with a reason that names the field, not gradio's bare ``{"error": null}``
@@ -216,7 +229,7 @@ def explain_bad_inputs(blocks: gr.Blocks) -> None:
             return await preprocess_data(block_fn, inputs, state, explicit_call)
         except gr.Error as error:
             if error.print_exception:  # gradio's own message: one log line, not a traceback
-                raise refused(error.message) from None
+                raise refused(_with_field(current, inputs, error.message)) from None
             raise
         except Exception:
             sent_paths = any(True for value in inputs for _ in _paths(value))

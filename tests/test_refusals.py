@@ -104,6 +104,17 @@ def test_odd_values_to_the_panel_and_live_endpoints_are_named(server, capfd, val
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nonsense", 3, ["timeline"], {"tab": "image"}])
+def test_an_odd_figure_tab_sent_to_live_is_named(server, capfd, value):
+    capfd.readouterr()
+    with pytest.raises(AppError) as refused:
+        server.client.predict(0, 0, value, api_name="/live")
+    text = str(refused.value)
+    assert OPAQUE not in text, text
+    assert "Figure tab shown" in text and "timeline" in text, text  # the field and what it takes
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_in_range_values_still_draw_the_panel(server):
     outputs = server.client.predict(0, api_name="/panel")
     assert len(outputs) >= 8  # the figures (a placeholder before any answer) and the sliders
