@@ -55,12 +55,12 @@ def draw_views(names, trace, image, layer: int, step: int) -> dict:
             "timeline": lambda: viz.cache_timeline(trace, layer, step),
             "explain": lambda: viz.explain_html(trace, layer),
             "budgets": lambda: viz.layer_budgets_figure(trace, layer=layer)}
-    views = {}
+    made, views = {}, {}
     for name in names:
         drawn = name.removeprefix("teach_")  # the teaching tab shows the same two figures
-        if drawn not in views:
-            views[drawn] = draw[drawn]()
-        views[name] = views[drawn]
+        if drawn not in made:
+            made[drawn] = draw[drawn]()
+        views[name] = made[drawn]
     return views
 
 

@@ -383,6 +383,19 @@ def test_the_live_panel_draws_only_the_figure_tab_the_page_shows(server, images)
     np.testing.assert_allclose(arr(trace_data(heat, "scores")["customdata"]), final.scores_matrix(), rtol=1e-6)
 
 
+def test_a_tab_gets_its_own_views_and_no_others(server, images):
+    # The teaching tab's copies are drawn once and sent only to it (not also to the hidden tabs).
+    from explorer.panel import draw_views
+
+    client = Client(server.url, verbose=False)
+    chat(client, images["red"], "Describe the image.", method="elastic", budget=0.5, max_new_tokens=6)
+    trace = session_trace(client)
+    views = draw_views(("explain", "teach_groups", "teach_timeline"), trace, None, 1, 2)
+    assert set(views) == {"explain", "teach_groups", "teach_timeline"}
+    assert views["teach_groups"].to_json() == viz.merge_groups(trace, 1, 2).to_json()
+    assert views["teach_timeline"].to_json() == viz.cache_timeline(trace, 1, 2).to_json()
+
+
 def test_a_chat_whose_client_leaves_stops_generating(server, images):
     client = Client(server.url, verbose=False)
     message = {"text": "Describe the image in detail.", "files": [handle_file(str(images["red"]))]}
