@@ -55,6 +55,21 @@ def app_rate(client, app, image_path, method, budget, new):
     return (trace.decode_steps + 1) / seconds
 
 
+def serve_app(model_name):
+    """The app launched in this process on ``model_name`` (EOS off: every answer decodes
+    exactly the tokens asked for) and a ``gradio_client`` for it (as a browser: no
+    re-download per update): ``(app, model, processor, client)``."""
+    from gradio_client import Client
+
+    import app
+
+    model, processor = elastic.load_model(model_name, device="cpu")
+    model.generation_config.eos_token_id = None
+    app.MODEL.set(model, processor)
+    app.serve(prevent_thread_lock=True, quiet=True)
+    return app, model, processor, Client(app.demo.local_url, verbose=False, download_files=False)
+
+
 def median_rate(fn, repeats):
     fn()  # warm-up
     return statistics.median(fn() for _ in range(repeats))
@@ -71,15 +86,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from gradio_client import Client
-
-    import app
-
-    model, processor = elastic.load_model(args.model, device="cpu")
-    model.generation_config.eos_token_id = None  # every answer decodes exactly --new tokens
-    app.MODEL.set(model, processor)
-    app.serve(prevent_thread_lock=True, quiet=True)
-    client = Client(app.demo.local_url, verbose=False, download_files=False)  # as a browser: no re-download per update
+    app, model, processor, client = serve_app(args.model)
     image = render(make_scene(VAL_OFFSET + 1))
     rows = []
     with tempfile.NamedTemporaryFile(suffix=".png") as f:

@@ -39,24 +39,9 @@ import threading
 import time
 
 import torch
-from transformers import TextIteratorStreamer
+from bench_app_streaming import library_rate, serve_app  # this folder: run as bench/bench_live_panel.py
 
-import elastic
 from elastic.tiny.data import DESCRIBE_PROMPT, VAL_OFFSET, make_scene, render
-
-
-def library_rate(model, processor, image, method, budget, new):
-    streamer = TextIteratorStreamer(getattr(processor, "tokenizer", processor), skip_prompt=True)
-    out = {}
-    start = time.perf_counter()
-    worker = threading.Thread(target=lambda: out.update(gen=elastic.generate(
-        model, processor, image, DESCRIBE_PROMPT, method=method, budget=budget, max_new_tokens=new,
-        streamer=streamer)))
-    worker.start()
-    for _ in streamer:
-        pass
-    worker.join()
-    return out["gen"].stats["new_tokens"] / (time.perf_counter() - start), (0.0, 0.0)
 
 
 def poll_live(ask, period, shown, stop, redraws):
@@ -154,16 +139,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from gradio_client import Client
-
-    import app
     from explorer import limits
 
-    model, processor = elastic.load_model(args.model, device="cpu")
-    model.generation_config.eos_token_id = None  # every answer decodes exactly --new tokens
-    app.MODEL.set(model, processor)
-    app.serve(prevent_thread_lock=True, quiet=True)
-    client = Client(app.demo.local_url, verbose=False, download_files=False)
+    app, model, processor, client = serve_app(args.model)  # EOS off: every answer decodes --new tokens
     page_conn = None
     if args.poller == "process":
         page_conn, theirs = multiprocessing.get_context("spawn").Pipe()
@@ -178,7 +156,7 @@ def main(argv=None):
         for method in args.methods.split(","):
             budget = 1.0 if method == "full" else args.budget
             (lib, _, _), (plain, _, _), (live, redraws, gap) = round_robin([
-                lambda: library_rate(model, processor, image, method, budget, args.new),
+                lambda: (library_rate(model, processor, image, method, budget, args.new), (0.0, 0.0)),
                 lambda: app_rate(client, app, f.name, method, budget, args.new),
                 lambda: app_rate(client, app, f.name, method, budget, args.new, limits.LIVE_SECONDS,
                                  args.shown, page_conn)], args.repeats)
