@@ -13,11 +13,13 @@ from .compare_tab import build_compare_tab
 from .defaults import BENCHMARKS, DEFAULT_BUDGET, DEFAULT_METHOD, EXAMPLES_DIR, load_examples
 from .explore_tab import build_explore_tab
 from .guards import RequestTooLarge, bound_only_model_events, explain_bad_inputs
-from .panel import live_panel, on_slider, pending_panel, show_panel
+from .panel import FIGURE_TABS, live_panel, on_slider, pending_panel, show_panel
 from .sessions import forget_session, stop_generation
 
 CSS = (Path(__file__).parent / "style.css").read_text()
-INTRO = """**Elastic Cache Explorer**: watch a KV cache compressed by [Elastic Cache](https://arxiv.org/abs/2407.18121) (tokens merged into *anchors*) as a vision-language model answers. Model: SmolLM2 with eyes, for **synthetic shape scenes** only."""
+INTRO = """**Elastic Cache Explorer**: watch a KV cache compressed by [Elastic Cache](https://arxiv.org/abs/2407.18121) \
+(tokens merged into *anchors*) as a vision-language model answers. Model: SmolLM2 with eyes, for **synthetic shape \
+scenes** only."""
 # A plot drawn while its tab was hidden has no width to fit; a resize on showing the tab
 # makes plotly fit it to the visible column again.
 RESIZE_JS = "() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }"
@@ -39,7 +41,7 @@ def build(examples_dir: Path = EXAMPLES_DIR, gpu=lambda fn: fn) -> gr.Blocks:
         for tab in (explore.tab, comp.tab, *explore.figure_tabs):
             tab.select(None, None, None, js=RESIZE_JS, api_name=False, queue=False)
         # The page tells /live which figure tab it shows (in the browser: no request of its own).
-        for tab, name in zip(explore.figure_tabs, ("attention", "groups", "image", "timeline", "how")):
+        for tab, name in zip(explore.figure_tabs, FIGURE_TABS):
             tab.select(None, None, explore.shown, js=f"() => {name!r}", api_name=False, queue=False)
         blocks.load(None, None, explore.shown, js="() => 'attention'", api_name=False, queue=False)
         blocks.unload(forget_session)

@@ -23,6 +23,7 @@ PREFILL_VIEWS = ("heatmap", "explain", "budgets")
 # that writes the answer), a prefill view once. "all" (an API client's default) draws every one.
 SHOWN_VIEWS = {"all": PANEL, "attention": ("heatmap",), "groups": ("groups",), "image": ("overlay",),
                "timeline": ("timeline", "budgets"), "how": ("explain", "teach_groups", "teach_timeline")}
+FIGURE_TABS = ("attention", "groups", "image", "timeline", "how")  # ExploreTab.figure_tabs, in order
 WAITING = "Send a message (or pick an example) to see the cache."
 
 
