@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 
 import numpy as np
 import plotly.graph_objects as go
@@ -17,6 +18,7 @@ from .style import (ANCHOR_COLOUR, COLORBAR, DROPPED_COLOUR, FONT_SIZE, MODEBAR_
 MAX_SIDE = 336
 OVERLAY_OPACITY = 0.22
 _PICTURES: dict = {}  # (id(image), rows, cols) -> (image, its data URI): see picture_uri
+_PICTURES_LOCK = threading.Lock()
 
 
 def image_grid(trace) -> tuple[int, int] | None:
@@ -72,16 +74,17 @@ def tile_cells(trace):
 def picture_uri(image: Image.Image, rows: int, cols: int) -> str:
     """:func:`fit_image` as the PNG data URI plotly would make of it. Kept for the last few
     images (by identity: a PIL image has no hash): encoding it is half of a redraw, and the
-    live panel redraws the same picture every second."""
+    live panel redraws the same picture at every tick."""
     key = (id(image), rows, cols)
     held = _PICTURES.get(key)
     if held is None or held[0] is not image:  # an id is reused only once its image is gone
         picture = io.BytesIO()
         fit_image(image, rows, cols).save(picture, format="PNG")
         held = (image, "data:image/png;base64," + base64.b64encode(picture.getvalue()).decode("ascii"))
-        _PICTURES[key] = held
-        while len(_PICTURES) > 4:
-            _PICTURES.pop(next(iter(_PICTURES)))
+        with _PICTURES_LOCK:  # sessions draw from several threads
+            _PICTURES[key] = held
+            while len(_PICTURES) > 4:
+                _PICTURES.pop(next(iter(_PICTURES)))
     return held[1]
 
 
