@@ -16,6 +16,7 @@ import torch
 import elastic
 import naive
 from elastic.budget import share_count
+from test_policies import assert_same_decisions
 from elastic.policies import Decode, elastic_cache
 from naive import exact_keep, exact_layer_keep, exact_total, protected_of, run, run_layered
 from tiny import tiny_llama
@@ -49,26 +50,6 @@ def generate(model, ids, method, layout="preallocated", **options):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=NEW,
                              min_new_tokens=NEW, do_sample=False)
     return out[0, T:].tolist(), cache
-
-
-def assert_same_decisions(cache, tokens, ref_tokens, ref, per_head):
-    """Tokens, every layer's scores, groups and kept set, and every eviction, as the naive run."""
-    assert tokens == ref_tokens
-    trace = cache.trace
-    heads = trace.heads or [trace]
-    assert (trace.heads is not None) == per_head
-    for g, head in enumerate(heads):
-        pick = (lambda x: x[g]) if per_head else (lambda x: x)
-        for l, layer in enumerate(head.layers):
-            if pick(ref["scores"][l]) is None:
-                assert layer.scores is None
-            else:
-                np.testing.assert_allclose(layer.scores, pick(ref["scores"][l]), rtol=1e-4, atol=1e-5)
-            assert layer.group.tolist() == pick(ref["group"][l])
-            assert layer.kept.tolist() == pick(ref["kept"][l])
-        expected = sorted((r[0], r[1], r[3]) for r in ref["evictions"] if r[2] == g) if per_head \
-            else sorted(ref["evictions"])
-        assert [tuple(r) for r in head.evictions.tolist()] == expected
 
 
 # ---------------------------------------------------------------- Elastic's whole grid

@@ -37,6 +37,26 @@ CASES = [
 ]
 
 
+def assert_same_decisions(cache, tokens, ref_tokens, ref, per_head):
+    """Tokens, every layer's scores, groups and kept set, and every eviction, as the naive run."""
+    assert tokens == ref_tokens
+    trace = cache.trace
+    heads = trace.heads or [trace]
+    assert (trace.heads is not None) == per_head
+    for g, head in enumerate(heads):
+        pick = (lambda x: x[g]) if per_head else (lambda x: x)
+        for l, layer in enumerate(head.layers):
+            if pick(ref["scores"][l]) is None:
+                assert layer.scores is None
+            else:
+                np.testing.assert_allclose(layer.scores, pick(ref["scores"][l]), rtol=1e-4, atol=1e-5)
+            assert layer.group.tolist() == pick(ref["group"][l])
+            assert layer.kept.tolist() == pick(ref["kept"][l])
+        expected = sorted((r[0], r[1], r[3]) for r in ref["evictions"] if r[2] == g) if per_head \
+            else sorted(ref["evictions"])
+        assert [tuple(r) for r in head.evictions.tolist()] == expected
+
+
 def case_id(case):
     method, options = case
     return method + "-" + "-".join(f"{k}={v}" for k, v in options.items())
@@ -51,25 +71,10 @@ def test_option_matches_naive_reference(llama, case):
     cache.annotate(spans=SPANS)
     out = generate(llama, ids, cache, n)
     tokens, ref = run(llama, ids, method, budget, n, distance=-6, spans=SPANS, **options)
-    assert out[0, T:].tolist() == tokens
+    per_head = options.get("scope") == "head" or options.get("heads", "each" if method == "snapkv" else "") == "each"
+    assert_same_decisions(cache, out[0, T:].tolist(), tokens, ref, per_head)
     trace = cache.trace
     assert trace.options == cache.policy.options() and trace.options[next(iter(options), "budget")] is not None
-    heads = trace.heads or [trace]
-    per_head = trace.heads is not None
-    assert per_head == (options.get("scope") == "head" or options.get("heads", "each" if method == "snapkv" else "")
-                        == "each")
-    for g, head in enumerate(heads):
-        for l, layer in enumerate(head.layers):
-            pick = (lambda x: x[g]) if per_head else (lambda x: x)
-            if pick(ref["scores"][l]) is None:
-                assert layer.scores is None
-            else:
-                np.testing.assert_allclose(layer.scores, pick(ref["scores"][l]), rtol=1e-4, atol=1e-5)
-            assert layer.group.tolist() == pick(ref["group"][l])
-            assert layer.kept.tolist() == pick(ref["kept"][l])
-        expected = sorted((r[0], r[1], r[3]) for r in ref["evictions"] if r[2] == g) if per_head \
-            else sorted(ref["evictions"])
-        assert [tuple(r) for r in head.evictions.tolist()] == expected
     assert len(trace.evictions) > 0  # the decode rule was exercised
     minimum = len(protected_of(method, T, 1, options.get("protect", "none"), options.get("protect_last", 8),
                                SPANS)) + 1
