@@ -55,6 +55,18 @@ def app_rate(client, app, image_path, method, budget, new):
     return (trace.decode_steps + 1) / seconds
 
 
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options the app streaming benches share (model, methods, budget, tokens, rounds, threads)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--methods", default="full,elastic")
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--new", type=int, default=120, help="new tokens per answer (EOS off)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
 def serve_app(model_name):
     """The app launched in this process on ``model_name`` (EOS off: every answer decodes
     exactly the tokens asked for) and a ``gradio_client`` for it (as a browser: no
@@ -76,13 +88,7 @@ def median_rate(fn, repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--methods", default="full,elastic")
-    ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--new", type=int, default=120, help="new tokens per answer (EOS off)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = arguments(__doc__)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 

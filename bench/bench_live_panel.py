@@ -31,7 +31,6 @@ over all runs.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import statistics
 import tempfile
@@ -39,7 +38,7 @@ import threading
 import time
 
 import torch
-from bench_app_streaming import library_rate, serve_app  # this folder: run as bench/bench_live_panel.py
+from bench_app_streaming import arguments, library_rate, serve_app  # this folder: run as bench/bench_live_panel.py
 
 from elastic.tiny.data import DESCRIBE_PROMPT, VAL_OFFSET, make_scene, render
 
@@ -125,13 +124,7 @@ def round_robin(fns, repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--methods", default="full,elastic")
-    ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--new", type=int, default=120, help="new tokens per answer (EOS off)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = arguments(__doc__)
     ap.add_argument("--poller", choices=("process", "thread"), default="process",
                     help="the page's timer in its own process (as a browser's) or a thread of this one")
     ap.add_argument("--shown", default="timeline", help="the figure tab the emulated page shows "
